@@ -1,0 +1,73 @@
+"""Python API: `lmforge.load()` -> an `LM` with `generate`, `chat`, `logits` and `tokenizer`."""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Iterator
+
+import torch
+
+from lmforge.chat import render_prompt
+from lmforge.engine import SamplingParams, generate_text, stream_text
+from lmforge.errors import LmforgeError
+
+
+def sampling_params(**kw) -> SamplingParams:
+    known = {f.name for f in fields(SamplingParams)}
+    bad = [k for k in kw if k not in known]
+    if bad:
+        raise LmforgeError(f"unknown generation option '{bad[0]}' (known: {', '.join(sorted(known))})")
+    return SamplingParams(**kw)
+
+
+class LM:
+    """A loaded model and its tokenizer."""
+
+    def __init__(self, model, tokenizer):
+        if tokenizer is None:
+            raise LmforgeError("this model has no tokenizer; pass one or use a folder with tokenizer.json")
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def config(self):
+        return self.model.cfg
+
+    def encode_chat(self, messages: list[dict], tools=None) -> list[int]:
+        return render_prompt(self.tokenizer, messages, tools=tools)
+
+    def generate(self, prompt: str | list[str], stream: bool = False, **kw):
+        """Complete raw text (no chat template). A list of prompts is decoded as one batch."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        params = sampling_params(**kw)
+        if stream:
+            if len(ids) != 1:
+                raise LmforgeError("stream=True takes one prompt")
+            return (piece for _, piece in stream_text(self.model, self.tokenizer, ids, params))
+        out = [r["text"] for r in generate_text(self.model, self.tokenizer, ids, params)]
+        return out[0] if isinstance(prompt, str) else out
+
+    def chat(self, messages: list[dict] | str, stream: bool = False, tools=None, **kw) -> str | Iterator[str]:
+        """Reply to OpenAI-style messages (`[{"role": "user", "content": ...}]`)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        ids = self.encode_chat(messages, tools=tools)
+        params = sampling_params(**kw)
+        if stream:
+            return (piece for _, piece in stream_text(self.model, self.tokenizer, [ids], params))
+        return generate_text(self.model, self.tokenizer, [ids], params)[0]["text"]
+
+    @torch.inference_mode()
+    def logits(self, ids) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids (a list, a list of lists, or a tensor)."""
+        x = torch.as_tensor(ids, dtype=torch.long, device=self.model.lm_head.weight.device)
+        if x.dim() == 1:
+            x = x[None]
+        return self.model(x).float()
+
+
+def load(model=None, dtype: str = "fp32", device: str = "cpu", quant: str = "none") -> LM:
+    from lmforge.loading import load_model
+
+    m, tok = load_model(model, dtype=dtype, device=device, quant=quant)
+    return LM(m, tok)

@@ -1,0 +1,139 @@
+"""Read a GGUF file (llama.cpp's format) into a `Config`, an HF-named state dict and a tokenizer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model import Config
+
+GGUF_MAGIC = b"GGUF"
+# GGUF tensor name -> HF name (per layer: blk.N.<key>)
+_LAYER_KEYS = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_KEYS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+SUPPORTED_ARCHS = ("llama", "qwen2")
+
+
+def _reader(path: Path):
+    import gguf
+
+    if not path.is_file():
+        raise LmforgeError(f"model file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise LmforgeError(f"{path} is not a GGUF file (its first bytes are {magic!r}, expected b'GGUF')")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf raises assorted errors on truncated files
+        raise LmforgeError(f"cannot read GGUF file {path}: truncated or corrupt ({type(e).__name__}: {e})") from None
+
+
+def read_metadata(reader) -> dict:
+    meta = {}
+    for key, field in reader.fields.items():
+        try:
+            meta[key] = field.contents()
+        except Exception:
+            continue
+    return meta
+
+
+def config_from_gguf(meta: dict, path: Path | str = "") -> Config:
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise LmforgeError(f"unsupported architecture '{arch}' in {path} (supported: {', '.join(SUPPORTED_ARCHS)})")
+    a = lambda k, d=None: meta.get(f"{arch}.{k}", d)  # noqa: E731
+    n_heads = int(a("attention.head_count"))
+    d_model = int(a("embedding_length"))
+    rope_scaling = None
+    stype = a("rope.scaling.type")
+    if stype and stype != "none":
+        if stype != "linear":
+            raise LmforgeError(f"unsupported rope scaling '{stype}' in {path}")
+        rope_scaling = {"type": "linear", "factor": float(a("rope.scaling.factor"))}
+    tokens = meta.get("tokenizer.ggml.tokens")
+    return Config(
+        vocab_size=int(a("vocab_size") or (len(tokens) if tokens else 32000)),
+        d_model=d_model,
+        n_layers=int(a("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(a("attention.head_count_kv", n_heads)),
+        head_dim=int(a("attention.key_length") or a("rope.dimension_count") or d_model // n_heads),
+        d_ff=int(a("feed_forward_length")),
+        norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(a("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        max_seq_len=int(a("context_length", 2048)),
+        tie_embeddings=False,  # decided from the tensors present
+        attention_bias=arch == "qwen2",
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        extra={"source_format": "gguf", "architecture": arch, "gguf_name": meta.get("general.name", "")},
+    )
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's row permutation of Q/K (its RoPE pairs adjacent dims; HF rotates halves)."""
+    out, inp = w.shape[0], w.shape[-1]
+    if w.ndim == 1:  # a bias
+        return w.reshape(n_head, out // n_head // 2, 2).swapaxes(1, 2).reshape(out)
+    return w.reshape(n_head, out // n_head // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    stem, _, suffix = gguf_name.rpartition(".")  # suffix: weight | bias
+    if stem in _GLOBAL_KEYS:
+        return f"{_GLOBAL_KEYS[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_KEYS:
+        return f"model.layers.{parts[1]}.{_LAYER_KEYS[parts[2]]}.{suffix}"
+    return None
+
+
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(config, state_dict, metadata) with every tensor dequantized to `dtype`."""
+    import gguf
+
+    path = Path(path)
+    reader = _reader(path)
+    meta = read_metadata(reader)
+    cfg = config_from_gguf(meta, path)
+    permute = cfg.extra["architecture"] == "llama"
+    state = {}
+    try:
+        for t in reader.tensors:
+            name = hf_name(t.name)
+            if name is None:
+                if t.name.startswith("rope_freqs"):
+                    continue
+                raise LmforgeError(f"unexpected tensor '{t.name}' in {path}")
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            w = w.reshape([int(x) for x in reversed(t.shape)]) if w.ndim == 1 and len(t.shape) > 1 else w
+            if permute and ".q_proj." in name:
+                w = unpermute_qk(w, cfg.n_heads)
+            elif permute and ".k_proj." in name:
+                w = unpermute_qk(w, cfg.n_kv_heads)
+            state[name] = torch.from_numpy(np.array(w, dtype=np.float32, copy=True)).to(dtype)
+    except (ValueError, IndexError) as e:
+        raise LmforgeError(f"cannot read tensors of {path}: truncated or corrupt ({e})") from None
+    cfg.tie_embeddings = "lm_head.weight" not in state
+    expected = 2 + 9 * cfg.n_layers + (0 if cfg.tie_embeddings else 1)
+    if cfg.attention_bias:
+        expected += 3 * cfg.n_layers
+    if len(state) < expected:
+        raise LmforgeError(f"{path} holds {len(state)} of the {expected} tensors a {cfg.n_layers}-layer model needs (truncated?)")
+    return cfg, state, meta

@@ -1,0 +1,188 @@
+"""Hugging Face folders: `config.json` (read tolerantly) + safetensors weights, both ways."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model import Config
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> Config:
+    """Map what matters of an HF config; ignore the rest; refuse what changes the math."""
+    mtype = hf.get("model_type")
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        arch = (hf.get("architectures") or ["?"])[0]
+        raise LmforgeError(f"unsupported architecture '{mtype or arch}' in {where} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise LmforgeError(f"unsupported hidden_act '{act}' in {where} (only silu/SwiGLU)")
+    # transformers >= 5 moves rope_theta/rope_scaling into rope_parameters
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in ("linear", "llama3", "default"):
+            raise LmforgeError(f"unsupported rope scaling '{kind}' in {where} (supported: linear, llama3)")
+        scaling = None if kind == "default" else dict(scaling)
+    sliding = hf.get("sliding_window") if hf.get("use_sliding_window", mtype == "mistral") else None
+    max_pos = int(hf.get("max_position_embeddings", 2048))
+    if sliding and int(sliding) < max_pos:
+        # attention beyond the window would differ; cap the context so results stay exact
+        max_pos = int(sliding)
+    n_heads = int(hf["num_attention_heads"])
+    d_model = int(hf["hidden_size"])
+    moe = {}
+    if mtype == "mixtral":
+        moe = dict(n_experts=int(hf["num_local_experts"]), n_experts_per_token=int(hf.get("num_experts_per_tok", 2)),
+                   moe_d_ff=int(hf["intermediate_size"]))
+    elif mtype == "qwen2_moe":
+        moe = dict(n_experts=int(hf["num_experts"]), n_experts_per_token=int(hf.get("num_experts_per_tok", 2)),
+                   moe_d_ff=int(hf["moe_intermediate_size"]),
+                   n_shared_experts=1 if hf.get("shared_expert_intermediate_size") else 0)
+    lm_extra = hf.get("lmforge", {})
+    for k in ("n_experts", "n_experts_per_token", "moe_d_ff", "n_shared_experts", "moe_capacity_factor", "moe_aux_loss_coef"):
+        if k in lm_extra:
+            moe[k] = lm_extra[k]
+    return Config(
+        vocab_size=int(hf["vocab_size"]),
+        d_model=d_model,
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=int(hf.get("head_dim") or d_model // n_heads),
+        d_ff=int(hf.get("intermediate_size", hf.get("shared_expert_intermediate_size", 4 * d_model))),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        max_seq_len=max_pos,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", mtype in ("qwen2", "qwen2_moe"))),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+        extra={"source_format": "hf", "model_type": mtype},
+        **moe,
+    )
+
+
+def config_to_hf(cfg: Config) -> dict:
+    """A config.json `transformers` loads as LlamaForCausalLM (dense) or Mixtral (MoE)."""
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "mlp_bias": cfg.mlp_bias,
+        "torch_dtype": "float32",
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+    }
+    if cfg.is_moe:
+        hf.update(
+            architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=cfg.n_experts,
+            num_experts_per_tok=cfg.n_experts_per_token, intermediate_size=cfg.moe_d_ff or cfg.d_ff,
+            router_aux_loss_coef=cfg.moe_aux_loss_coef, sliding_window=None,
+        )
+        hf["lmforge"] = {k: getattr(cfg, k) for k in ("n_experts", "n_experts_per_token", "moe_d_ff", "n_shared_experts", "moe_capacity_factor", "moe_aux_loss_coef")}
+    return hf
+
+
+def read_hf_config(folder: Path) -> Config:
+    path = folder / "config.json"
+    if not path.exists():
+        raise LmforgeError(f"no config.json in {folder}")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{path} is not valid JSON: {e}") from None
+    return config_from_hf(hf, str(path))
+
+
+def iter_hf_tensors(folder: Path):
+    """(name, tensor) pairs from model.safetensors, a sharded index, or pytorch_model.bin.
+
+    safetensors are memory-mapped: a tensor is read only when converted, one at a time.
+    """
+    from safetensors import safe_open
+
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.exists() or index.exists():
+        files = [single] if single.exists() else sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        for f in files:
+            if not f.exists():
+                raise LmforgeError(f"missing weight shard {f}")
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for key in sf.keys():
+                        yield key, sf.get_tensor(key)
+            except LmforgeError:
+                raise
+            except Exception as e:
+                raise LmforgeError(f"cannot read {f}: truncated or corrupt ({e})") from None
+        return
+    binf = folder / "pytorch_model.bin"
+    if binf.exists():
+        yield from torch.load(binf, map_location="cpu", weights_only=True, mmap=True).items()
+        return
+    raise LmforgeError(f"no weights in {folder} (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None, extra_files: dict | None = None) -> Path:
+    """Write config.json, model.safetensors (tied head omitted, as HF does) and tokenizer files."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg: Config = model.cfg
+    state = {}
+    for k, v in model.state_dict().items():
+        if cfg.tie_embeddings and k == "lm_head.weight":
+            continue
+        v = v.detach()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        state[k] = v.contiguous().cpu()
+    hf = config_to_hf(cfg)
+    if dtype is not None:
+        hf["torch_dtype"] = str(dtype).replace("torch.", "")
+    if tokenizer is not None:
+        for key, tid in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id), ("pad_token_id", tokenizer.pad_id)):
+            if tid is not None:
+                hf[key] = tid
+    _atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(out)
+    for name, text in (extra_files or {}).items():
+        (out / name).write_text(text)
+    return out

@@ -1,0 +1,104 @@
+"""`load_model(path)`: GGUF file, HF folder or lmforge run folder -> (Transformer, Tokenizer)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.loading.gguf_file import read_gguf, read_metadata, _reader
+from lmforge.loading.hf import iter_hf_tensors, read_hf_config
+from lmforge.loading.resolve import resolve_model_path
+from lmforge.model import Config, Transformer, rope_inv_freq
+from lmforge.tokenizer import Tokenizer
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LmforgeError(f"unknown dtype '{dtype}' (choose fp32, bf16 or fp16)")
+    return DTYPES[dtype]
+
+
+def resolve_run_folder(path: Path) -> Path:
+    """A run folder's newest complete checkpoint (via `latest`), else the path itself."""
+    latest = path / "latest"
+    if latest.exists() or latest.is_symlink():
+        target = Path(os.readlink(latest)) if latest.is_symlink() else Path(latest.read_text().strip())
+        target = target if target.is_absolute() else path / target
+        if not (target / "config.json").exists():
+            raise LmforgeError(f"run folder {path}: 'latest' points at {target}, which is not a complete checkpoint")
+        return target
+    if (path / "checkpoints").is_dir() and not (path / "config.json").exists():
+        done = sorted(p for p in (path / "checkpoints").iterdir() if (p / "config.json").exists())
+        if not done:
+            raise LmforgeError(f"run folder {path} has no complete checkpoint")
+        return done[-1]
+    return path
+
+
+def read_model_files(model=None, dtype=torch.float32) -> tuple[Config, dict, Tokenizer | None, Path]:
+    """(config, state_dict in `dtype`, tokenizer or None, resolved path)."""
+    path = resolve_model_path(model)
+    dtype = parse_dtype(dtype)
+    if path.is_file():
+        cfg, state, meta = read_gguf(path, dtype)
+        tok = Tokenizer.from_gguf_fields(meta) if "tokenizer.ggml.tokens" in meta else None
+        return cfg, state, tok, path
+    folder = resolve_run_folder(path)
+    cfg = read_hf_config(folder)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in iter_hf_tensors(folder)}
+    tok = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").exists() else None
+    return cfg, state, tok, folder
+
+
+def build_model(cfg: Config, state: dict, device="cpu") -> Transformer:
+    """Instantiate without allocating random weights (meta device), then take `state` as is."""
+    if cfg.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if cfg.is_moe:
+        from lmforge.moe import hf_state_to_lmforge  # Mixtral-style keys -> our module names
+
+        state = hf_state_to_lmforge(state, cfg)
+    missing = set(model.state_dict()) - set(state)
+    unexpected = set(state) - set(model.state_dict())
+    if missing or unexpected:
+        what = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
+        raise LmforgeError(f"weights do not match the config: {what}")
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg)
+    return model.to(device).eval()
+
+
+def load_model(model=None, dtype="fp32", device="cpu", quant: str = "none") -> tuple[Transformer, Tokenizer | None]:
+    """Load a model for inference. `quant` (int8/int4) is applied after loading when set."""
+    cfg, state, tok, path = read_model_files(model, dtype)
+    m = build_model(cfg, state, device)
+    m.source_path = str(path)
+    if quant and quant != "none":
+        from lmforge.quant import quantize_model
+
+        m = quantize_model(m, quant)
+    return m, tok
+
+
+def load_tokenizer(model=None) -> Tokenizer:
+    """Only the tokenizer: from a model (GGUF/HF/run folder), a tokenizer.json, or a .tiktoken file."""
+    path = resolve_model_path(model)
+    if path.suffix == ".tiktoken":
+        return Tokenizer.from_tiktoken(path)
+    if path.is_file() and path.suffix == ".json":
+        return Tokenizer.from_dir(path)
+    if path.is_file():
+        meta = read_metadata(_reader(path))
+        return Tokenizer.from_gguf_fields(meta)
+    return Tokenizer.from_dir(resolve_run_folder(path))

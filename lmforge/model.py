@@ -1,0 +1,330 @@
+"""The model: a `Config` and a decoder-only transformer of the LLaMA family.
+
+Token embedding -> N x [RMSNorm -> grouped-query attention with RoPE -> residual,
+RMSNorm -> SwiGLU MLP (or a Mixture-of-Experts MLP) -> residual] -> RMSNorm -> output head.
+
+Module names follow Hugging Face's Llama (`model.layers.0.self_attn.q_proj`, ...), so a state
+dict is an HF state dict, PEFT adapter keys line up, and the parity test can compare logits
+with `transformers` on the same weights. Everything else in lmforge imports this file.
+
+The KV cache is preallocated per layer with one length per row: a forward call appends
+`n_new[b]` tokens to row `b` at that row's own position, so batched prompts of unequal length
+and continuous batching (rows joining and leaving) need no re-padding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    vocab_size: int = 49152
+    d_model: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim: int | None = None  # default d_model // n_heads
+    d_ff: int = 1536
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, or {"type": "linear"|"llama3"|"dynamic", "factor": ..., ...} as in HF configs.
+    rope_scaling: dict | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    attention_bias: bool = False  # Qwen2-style q/k/v biases
+    mlp_bias: bool = False
+    # Mixture of Experts: n_experts == 0 means a dense SwiGLU MLP in every layer.
+    n_experts: int = 0
+    n_experts_per_token: int = 2
+    moe_d_ff: int | None = None  # expert hidden size (default d_ff)
+    n_shared_experts: int = 0
+    moe_capacity_factor: float = 0.0  # 0 = no token dropping
+    moe_aux_loss_coef: float = 0.01
+    # ids the engine and trainer need; the tokenizer is the source of truth when present.
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    init_std: float = 0.02
+    extra: dict = field(default_factory=dict)  # free-form notes (e.g. source model id)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.d_model // self.n_heads
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, as HF Llama does (parity in bf16).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: Config) -> torch.Tensor:
+    """Inverse frequencies for rotate-half RoPE, with the scaling schemes HF configs use."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "llama3":
+        factor = sc["factor"]
+        low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old_ctx = sc.get("original_max_position_embeddings", 8192)
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "linear":
+        inv_freq = inv_freq / sc["factor"]
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin of shape [B, T, head_dim] for integer positions [B, T]; computed in fp32."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos/sin: [B, T, D]
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, one fill length per row.
+
+    Buffers are [B, n_kv_heads, max_len + 1, head_dim]; the extra last slot is scratch where
+    padding tokens write, so they never land on a slot a real token will read.
+    """
+
+    def __init__(self, cfg: Config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.n_kv_heads, max_len + 1, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.batch_size = batch_size
+
+    def reset(self, rows=None) -> None:
+        """Forget the contents of some rows (all by default); the buffers stay allocated."""
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[torch.as_tensor(rows, device=self.lengths.device)] = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask, layer_cache=None):
+        """x [B, T, C]; mask: bool [B, 1, T, S] (True = may attend) or None for plain causal."""
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layer_cache is not None:
+            k, v = layer_cache(k, v)
+        groups = cfg.n_heads // cfg.n_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def make_mlp(cfg: Config) -> nn.Module:
+    """The feed-forward block a layer gets: dense SwiGLU, or routed experts when configured."""
+    if cfg.is_moe:
+        from lmforge.moe import MoE  # the MoE block lives beside the trainer's routing logic
+
+        return MoE(cfg)
+    return MLP(cfg.d_model, cfg.d_ff, cfg.mlp_bias)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = make_mlp(cfg)
+
+    def forward(self, x, cos, sin, mask, layer_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(cfg.vocab_size, cfg.d_model),
+                layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
+                norm=RMSNorm(cfg.d_model, cfg.norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    # -- construction -------------------------------------------------------------------
+    def init_weights(self, seed: int | None = None) -> "Transformer":
+        """Fresh weights for pretraining: normal(0, init_std), output projections scaled by depth."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if name.endswith("norm.weight") or "layernorm" in name else nn.init.zeros_(p)
+                continue
+            s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")) else std
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, device=p.device, dtype=dtype or p.dtype)
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,
+        n_new: torch.Tensor | None = None,
+        hidden_only: bool = False,
+        collect_hidden: list | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T].
+
+        Without a cache: `positions` default to 0..T-1 per row; `attention_mask` [B, T] (1 =
+        real token) hides padding keys, e.g. for a left-padded batch.
+        With a cache: row b of `idx` is appended to cache row `rows[b]` (default b); only its
+        first `n_new[b]` tokens are real (default T, right padding beyond), placed at positions
+        lengths[row] + t. The cache lengths advance by n_new.
+        `hidden_only` returns the final-norm hidden states instead of logits (for chunked loss).
+        `collect_hidden`, a list, receives the residual stream after the embedding and after
+        every layer (n_layers + 1 tensors, before the final norm) for inspection.
+        """
+        B, T = idx.shape
+        x = self.model.embed_tokens(idx)
+        mask = None
+        layer_caches = [None] * self.cfg.n_layers
+        if cache is not None:
+            dev = idx.device
+            rows = torch.arange(B, device=dev) if rows is None else torch.as_tensor(rows, device=dev)
+            n_new = torch.full((B,), T, device=dev) if n_new is None else torch.as_tensor(n_new, device=dev)
+            start = cache.lengths[rows]  # [B]
+            if bool((start + n_new > cache.max_len).any()):
+                raise ValueError(f"KV cache full: {int((start + n_new).max())} tokens > capacity {cache.max_len}")
+            t = torch.arange(T, device=dev)
+            positions = start[:, None] + t[None, :] if positions is None else positions
+            real = t[None, :] < n_new[:, None]  # [B, T]
+            slots = torch.where(real, start[:, None] + t[None, :], cache.max_len)  # padding -> scratch slot
+            S = int((start + n_new).max())
+            key_pos = torch.arange(S, device=dev)
+            # query t of row b sees keys 0..start[b]+t (its own prefix, causal)
+            mask = key_pos[None, None, :] <= (start[:, None, None] + t[None, :, None])
+            mask = mask[:, None]  # [B, 1, T, S]
+            row_idx = rows[:, None].expand(B, T)
+
+            def make_layer_cache(i):
+                kb, vb = cache.k[i], cache.v[i]
+
+                def update(k, v):  # k, v: [B, H, T, D]
+                    kb[row_idx, :, slots] = k.transpose(1, 2).to(kb.dtype)
+                    vb[row_idx, :, slots] = v.transpose(1, 2).to(vb.dtype)
+                    return kb[rows, :, :S].to(k.dtype), vb[rows, :, :S].to(v.dtype)
+
+                return update
+
+            layer_caches = [make_layer_cache(i) for i in range(self.cfg.n_layers)]
+        else:
+            if positions is None:
+                positions = torch.arange(T, device=idx.device)[None, :].expand(B, T)
+            if attention_mask is not None:
+                causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+                mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+                # a query on a padding position would see no key: let it see itself (ignored anyway)
+                mask = mask | torch.eye(T, dtype=torch.bool, device=idx.device)[None, None]
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        if collect_hidden is not None:
+            collect_hidden.append(x)
+        for layer, lc in zip(self.model.layers, layer_caches):
+            x = layer(x, cos, sin, mask, lc)
+            if collect_hidden is not None:
+                collect_hidden.append(x)
+        if cache is not None:
+            cache.lengths[rows] = cache.lengths[rows] + n_new
+        x = self.model.norm(x)
+        return x if hidden_only else self.lm_head(x)
+
+
+def aux_losses(model: nn.Module) -> torch.Tensor | float:
+    """Sum of auxiliary losses (MoE load balancing) left by the last forward; 0 for dense models."""
+    total = 0.0
+    for m in model.modules():
+        loss = getattr(m, "aux_loss", None)
+        if loss is not None:
+            total = total + loss
+    return total

