@@ -48,14 +48,49 @@ class LM:
         return out[0] if isinstance(prompt, str) else out
 
     def chat(self, messages: list[dict] | str, stream: bool = False, tools=None, **kw) -> str | Iterator[str]:
-        """Reply to OpenAI-style messages (`[{"role": "user", "content": ...}]`)."""
+        """Reply to OpenAI-style messages (`[{"role": "user", "content": ...}]`).
+
+        `tools`: OpenAI tool schemas (listed in the prompt; the reply may hold tool-call text), or
+        names / `lmforge.tools.Tool` objects, which are executed in a loop and the final answer
+        returned (see `chat_with_tools` for the whole exchange).
+        """
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        if tools and (isinstance(tools, str) or not isinstance(next(iter(tools)), dict)):
+            if stream:
+                raise LmforgeError("stream=True with executed tools is not supported; use chat_with_tools(on_text=...)")
+            return self.chat_with_tools(messages, tools, **kw)[-1]["content"]
         ids = self.encode_chat(messages, tools=tools)
         params = sampling_params(**kw)
         if stream:
             return (piece for _, piece in stream_text(self.model, self.tokenizer, [ids], params))
         return generate_text(self.model, self.tokenizer, [ids], params)[0]["text"]
+
+    def chat_with_tools(self, messages: list[dict], tools, max_steps: int = 5, on_text=None, on_message=None, **kw) -> list[dict]:
+        """Let the model call tools (names like "calculator,python,search" or Tool objects) until it
+        answers; returns the new messages (assistant turns with `tool_calls`, tool results, answer)."""
+        from lmforge.tools import get_tools, run_tool_loop
+        from lmforge.tools.protocol import STOP_STRINGS
+
+        if isinstance(tools, str) or (tools and isinstance(next(iter(tools)), str)):
+            tools = get_tools(tools)
+        schemas = [t.schema() for t in tools]
+        params = sampling_params(**kw)
+        params.stop = list(params.stop) + [s for s in STOP_STRINGS if s not in params.stop]
+
+        def generate_fn(msgs: list[dict]) -> str:
+            ids = self.encode_chat(msgs, tools=schemas)
+            pieces = []
+            for _, piece in stream_text(self.model, self.tokenizer, [ids], params):
+                pieces.append(piece)
+                if on_text is not None:
+                    on_text(piece)
+            if on_text is not None:
+                on_text("\n")
+            return "".join(pieces)
+
+        full = run_tool_loop(generate_fn, list(messages), tools, max_steps=max_steps, on_message=on_message)
+        return full[len(messages):]
 
     @torch.inference_mode()
     def logits(self, ids) -> torch.Tensor:

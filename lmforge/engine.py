@@ -77,6 +77,13 @@ def generate_tokens(
 ) -> Iterator[tuple[int, int]]:
     """Yield (row, token_id) as tokens are produced; a row ends on a stop id, `should_stop`, the
     token budget, or the context limit."""
+    if len(prompts) == 1:  # one sequence: the static-cache fast path when it supports the model
+        from lmforge.fast.decode import fast_decoder_for
+
+        fast = fast_decoder_for(model)
+        if fast is not None:
+            yield from fast.generate_tokens(prompts[0], params, stop_ids, should_stop)
+            return
     device = model.lm_head.weight.device
     B = len(prompts)
     capacity = _check_prompts(model, prompts, params.max_new_tokens)
@@ -112,10 +119,12 @@ def generate_tokens(
             if tok in stop_ids:
                 continue
             produced[b].append(tok)
+            # ask before yielding so a caller's per-token state is current when it sees the token
+            stop_here = should_stop is not None and should_stop(b, produced[b])
             yield b, tok
             if seen is not None:
                 seen[b, tok] = True
-            if should_stop is not None and should_stop(b, produced[b]):
+            if stop_here:
                 continue
             if int(cache.lengths[b]) + 1 > capacity:
                 continue

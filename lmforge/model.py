@@ -45,6 +45,7 @@ class Config:
     n_shared_experts: int = 0
     moe_capacity_factor: float = 0.0  # 0 = no token dropping
     moe_aux_loss_coef: float = 0.01
+    moe_norm_topk_prob: bool = True  # renormalize the top-k router weights (Mixtral: yes)
     # ids the engine and trainer need; the tokenizer is the source of truth when present.
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
@@ -258,7 +259,8 @@ class Transformer(nn.Module):
         """Logits [B, T, vocab] for token ids [B, T].
 
         Without a cache: `positions` default to 0..T-1 per row; `attention_mask` [B, T] (1 =
-        real token) hides padding keys, e.g. for a left-padded batch.
+        real token) hides padding keys, e.g. for a left-padded batch; a [B, T, T] boolean
+        `attention_mask` is used as is (packed sequences: block-diagonal causal).
         With a cache: row b of `idx` is appended to cache row `rows[b]` (default b); only its
         first `n_new[b]` tokens are real (default T, right padding beyond), placed at positions
         lengths[row] + t. The cache lengths advance by n_new.
@@ -302,7 +304,11 @@ class Transformer(nn.Module):
         else:
             if positions is None:
                 positions = torch.arange(T, device=idx.device)[None, :].expand(B, T)
-            if attention_mask is not None:
+            if attention_mask is not None and attention_mask.dim() == 3:
+                # a full [B, T, T] mask (True = query t may see key s), e.g. block-diagonal causal
+                # for packed sequences; the caller makes sure every query sees at least itself
+                mask = attention_mask.bool()[:, None]
+            elif attention_mask is not None:
                 causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
                 mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
                 # a query on a padding position would see no key: let it see itself (ignored anyway)

@@ -1,6 +1,8 @@
 """Read a GGUF file (llama.cpp's format) into a `Config`, an HF-named state dict and a tokenizer."""
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,55 @@ _GLOBAL_KEYS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
 SUPPORTED_ARCHS = ("llama", "qwen2")
 
 
-def _reader(path: Path):
-    import gguf
+# GGUF metadata value types (gguf spec): id -> struct format, or a marker for strings/arrays
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # GGUF order: ne0 (the contiguous, "in" dimension) first
+    tensor_type: int
+    data: np.ndarray  # raw bytes (quantized) or values, memory-mapped
+
+
+class _Cursor:
+    """Reads little-endian GGUF fields from a bytes-like buffer; far faster than per-item memmaps."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def take(self, fmt: str):
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.take(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, n = self.take("<I"), self.take("<Q")
+            if etype in _SCALARS and etype != 7:
+                fmt = _SCALARS[etype]
+                arr = np.frombuffer(self.buf, dtype=np.dtype(fmt), count=n, offset=self.pos)
+                self.pos += n * arr.itemsize
+                return arr.tolist()
+            return [self.value(etype) for _ in range(n)]
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def read_gguf_file(path: Path) -> tuple[dict, list[GGUFTensor]]:
+    """(metadata, tensors) of a GGUF file; tensor data stays memory-mapped."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     if not path.is_file():
         raise LmforgeError(f"model file not found: {path}")
@@ -35,20 +84,52 @@ def _reader(path: Path):
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise LmforgeError(f"{path} is not a GGUF file (its first bytes are {magic!r}, expected b'GGUF')")
+    # a plain ndarray view of the map: numpy memmap subclass bookkeeping is slow per slice
+    buf = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # gguf raises assorted errors on truncated files
+        c = _Cursor(memoryview(buf))
+        c.pos = 4
+        version = c.take("<I")
+        if version not in (2, 3):
+            raise LmforgeError(f"{path}: unsupported GGUF version {version}")
+        n_tensors, n_kv = c.take("<Q"), c.take("<Q")
+        meta = {}
+        for _ in range(n_kv):
+            key = c.string()
+            meta[key] = c.value(c.take("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = c.string()
+            dims = tuple(c.take("<Q") for _ in range(c.take("<I")))
+            infos.append((name, dims, c.take("<I"), c.take("<Q")))
+        align = int(meta.get("general.alignment", 32))
+        start = (c.pos + align - 1) // align * align
+        tensors = []
+        for name, dims, ttype, offset in infos:
+            qtype = GGMLQuantizationType(ttype)
+            block, nbytes = GGML_QUANT_SIZES[qtype]
+            n = int(np.prod(dims))
+            size = n // block * nbytes
+            lo = start + offset
+            if lo + size > len(buf):
+                raise LmforgeError(f"cannot read {path}: truncated or corrupt (tensor '{name}' ends past the end of the file)")
+            raw = buf[lo : lo + size]
+            if qtype == GGMLQuantizationType.F32:
+                raw = raw.view(np.float32)
+            elif qtype == GGMLQuantizationType.F16:
+                raw = raw.view(np.float16)
+            else:  # rows of quantized blocks, as gguf.quants.dequantize expects
+                raw = raw.reshape(n // dims[0], dims[0] // block * nbytes)
+            tensors.append(GGUFTensor(name, dims, ttype, raw))
+    except LmforgeError:
+        raise
+    except (struct.error, ValueError, UnicodeDecodeError, IndexError, KeyError) as e:
         raise LmforgeError(f"cannot read GGUF file {path}: truncated or corrupt ({type(e).__name__}: {e})") from None
+    return meta, tensors
 
 
-def read_metadata(reader) -> dict:
-    meta = {}
-    for key, field in reader.fields.items():
-        try:
-            meta[key] = field.contents()
-        except Exception:
-            continue
-    return meta
+def read_gguf_metadata(path: Path) -> dict:
+    return read_gguf_file(Path(path))[0]
 
 
 def config_from_gguf(meta: dict, path: Path | str = "") -> Config:
@@ -109,27 +190,22 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     import gguf
 
     path = Path(path)
-    reader = _reader(path)
-    meta = read_metadata(reader)
+    meta, tensors = read_gguf_file(path)
     cfg = config_from_gguf(meta, path)
     permute = cfg.extra["architecture"] == "llama"
     state = {}
-    try:
-        for t in reader.tensors:
-            name = hf_name(t.name)
-            if name is None:
-                if t.name.startswith("rope_freqs"):
-                    continue
-                raise LmforgeError(f"unexpected tensor '{t.name}' in {path}")
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-            w = w.reshape([int(x) for x in reversed(t.shape)]) if w.ndim == 1 and len(t.shape) > 1 else w
-            if permute and ".q_proj." in name:
-                w = unpermute_qk(w, cfg.n_heads)
-            elif permute and ".k_proj." in name:
-                w = unpermute_qk(w, cfg.n_kv_heads)
-            state[name] = torch.from_numpy(np.array(w, dtype=np.float32, copy=True)).to(dtype)
-    except (ValueError, IndexError) as e:
-        raise LmforgeError(f"cannot read tensors of {path}: truncated or corrupt ({e})") from None
+    for t in tensors:
+        name = hf_name(t.name)
+        if name is None:
+            if t.name.startswith("rope_freqs"):
+                continue
+            raise LmforgeError(f"unexpected tensor '{t.name}' in {path}")
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
+        if permute and ".q_proj." in name:
+            w = unpermute_qk(w, cfg.n_heads)
+        elif permute and ".k_proj." in name:
+            w = unpermute_qk(w, cfg.n_kv_heads)
+        state[name] = torch.from_numpy(np.array(w, dtype=np.float32, copy=True)).to(dtype)
     cfg.tie_embeddings = "lm_head.weight" not in state
     expected = 2 + 9 * cfg.n_layers + (0 if cfg.tie_embeddings else 1)
     if cfg.attention_bias:

@@ -11,6 +11,9 @@ from lmforge.errors import LmforgeError
 from lmforge.model import Config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+# lmforge-only MoE settings kept in config.json["lmforge"]; n_shared_experts is not: the HF config says it
+MOE_FIELDS = ("n_experts", "n_experts_per_token", "moe_d_ff", "moe_capacity_factor",
+              "moe_aux_loss_coef", "moe_norm_topk_prob")
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> Config:
@@ -43,11 +46,16 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         moe = dict(n_experts=int(hf["num_local_experts"]), n_experts_per_token=int(hf.get("num_experts_per_tok", 2)),
                    moe_d_ff=int(hf["intermediate_size"]))
     elif mtype == "qwen2_moe":
+        if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step", 1)) != 1:
+            raise LmforgeError(f"unsupported in {where}: dense layers among MoE layers (mlp_only_layers / decoder_sparse_step)")
         moe = dict(n_experts=int(hf["num_experts"]), n_experts_per_token=int(hf.get("num_experts_per_tok", 2)),
                    moe_d_ff=int(hf["moe_intermediate_size"]),
-                   n_shared_experts=1 if hf.get("shared_expert_intermediate_size") else 0)
+                   n_shared_experts=1 if hf.get("shared_expert_intermediate_size") else 0,
+                   moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+        if hf.get("shared_expert_intermediate_size"):  # the shared expert's width is d_ff * n_shared_experts
+            hf = dict(hf, intermediate_size=hf["shared_expert_intermediate_size"])
     lm_extra = hf.get("lmforge", {})
-    for k in ("n_experts", "n_experts_per_token", "moe_d_ff", "n_shared_experts", "moe_capacity_factor", "moe_aux_loss_coef"):
+    for k in MOE_FIELDS:
         if k in lm_extra:
             moe[k] = lm_extra[k]
     return Config(
@@ -98,13 +106,24 @@ def config_to_hf(cfg: Config) -> dict:
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
     }
-    if cfg.is_moe:
+    if cfg.is_moe and cfg.n_shared_experts > 0:  # a shared expert: Qwen2-MoE has one, Mixtral not
+        hf.update(
+            architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", num_experts=cfg.n_experts,
+            num_experts_per_tok=cfg.n_experts_per_token, moe_intermediate_size=cfg.moe_d_ff or cfg.d_ff,
+            shared_expert_intermediate_size=cfg.d_ff * cfg.n_shared_experts, intermediate_size=cfg.d_ff * cfg.n_shared_experts,
+            norm_topk_prob=cfg.moe_norm_topk_prob, qkv_bias=cfg.attention_bias, decoder_sparse_step=1,
+            mlp_only_layers=[], router_aux_loss_coef=cfg.moe_aux_loss_coef, use_sliding_window=False,
+        )
+    elif cfg.is_moe:
+        if not cfg.moe_norm_topk_prob:
+            raise LmforgeError("Mixtral always renormalizes the top-k router weights; set moe_norm_topk_prob: true")
         hf.update(
             architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=cfg.n_experts,
             num_experts_per_tok=cfg.n_experts_per_token, intermediate_size=cfg.moe_d_ff or cfg.d_ff,
             router_aux_loss_coef=cfg.moe_aux_loss_coef, sliding_window=None,
         )
-        hf["lmforge"] = {k: getattr(cfg, k) for k in ("n_experts", "n_experts_per_token", "moe_d_ff", "n_shared_experts", "moe_capacity_factor", "moe_aux_loss_coef")}
+    if cfg.is_moe:
+        hf["lmforge"] = {k: getattr(cfg, k) for k in MOE_FIELDS}
     return hf
 
 
@@ -152,6 +171,7 @@ def iter_hf_tensors(folder: Path):
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -170,6 +190,10 @@ def save_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = N
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         state[k] = v.contiguous().cpu()
+    if cfg.is_moe:
+        from lmforge.moe import lmforge_state_to_hf  # Mixtral / Qwen2-MoE expert keys
+
+        state = lmforge_state_to_hf(state, cfg)
     hf = config_to_hf(cfg)
     if dtype is not None:
         hf["torch_dtype"] = str(dtype).replace("torch.", "")

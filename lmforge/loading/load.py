@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.loading.gguf_file import read_gguf, read_metadata, _reader
+from lmforge.loading.gguf_file import read_gguf, read_gguf_metadata
 from lmforge.loading.hf import iter_hf_tensors, read_hf_config
 from lmforge.loading.resolve import resolve_model_path
 from lmforge.model import Config, Transformer, rope_inv_freq
@@ -25,17 +25,33 @@ def parse_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _has_model(folder: Path) -> bool:
+    # a full model (config.json) or a LoRA adapter in PEFT's layout (adapter_config.json)
+    return (folder / "config.json").exists() or (folder / "adapter_config.json").exists()
+
+
+def adapter_folder(model) -> Path | None:
+    """The folder when `model` (path or run folder) holds a LoRA adapter rather than a full model."""
+    path = resolve_model_path(model)
+    if not path.is_dir():
+        return None
+    folder = resolve_run_folder(path)
+    if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
+        return folder
+    return None
+
+
 def resolve_run_folder(path: Path) -> Path:
     """A run folder's newest complete checkpoint (via `latest`), else the path itself."""
     latest = path / "latest"
     if latest.exists() or latest.is_symlink():
         target = Path(os.readlink(latest)) if latest.is_symlink() else Path(latest.read_text().strip())
         target = target if target.is_absolute() else path / target
-        if not (target / "config.json").exists():
+        if not _has_model(target):
             raise LmforgeError(f"run folder {path}: 'latest' points at {target}, which is not a complete checkpoint")
         return target
-    if (path / "checkpoints").is_dir() and not (path / "config.json").exists():
-        done = sorted(p for p in (path / "checkpoints").iterdir() if (p / "config.json").exists())
+    if (path / "checkpoints").is_dir() and not _has_model(path):
+        done = sorted(p for p in (path / "checkpoints").iterdir() if _has_model(p))
         if not done:
             raise LmforgeError(f"run folder {path} has no complete checkpoint")
         return done[-1]
@@ -46,6 +62,12 @@ def read_model_files(model=None, dtype=torch.float32) -> tuple[Config, dict, Tok
     """(config, state_dict in `dtype`, tokenizer or None, resolved path)."""
     path = resolve_model_path(model)
     dtype = parse_dtype(dtype)
+    adapter = adapter_folder(path)
+    if adapter is not None:  # base + LoRA adapter, merged into plain weights
+        from lmforge.finetune.lora import load_adapter_model
+
+        m, tok = load_adapter_model(adapter, dtype=dtype)
+        return m.cfg, dict(m.state_dict()), tok, adapter
     if path.is_file():
         cfg, state, meta = read_gguf(path, dtype)
         tok = Tokenizer.from_gguf_fields(meta) if "tokenizer.ggml.tokens" in meta else None
@@ -80,9 +102,19 @@ def build_model(cfg: Config, state: dict, device="cpu") -> Transformer:
 
 
 def load_model(model=None, dtype="fp32", device="cpu", quant: str = "none") -> tuple[Transformer, Tokenizer | None]:
-    """Load a model for inference. `quant` (int8/int4) is applied after loading when set."""
-    cfg, state, tok, path = read_model_files(model, dtype)
-    m = build_model(cfg, state, device)
+    """Load a model for inference. `quant` (int8/int4) is applied after loading when set.
+
+    A folder holding a LoRA adapter (PEFT layout) loads the base it names, with the adapter merged.
+    """
+    adapter = adapter_folder(model)
+    if adapter is not None:
+        from lmforge.finetune.lora import load_adapter_model
+
+        m, tok = load_adapter_model(adapter, dtype=dtype, device=device)
+        path = adapter
+    else:
+        cfg, state, tok, path = read_model_files(model, dtype)
+        m = build_model(cfg, state, device)
     m.source_path = str(path)
     if quant and quant != "none":
         from lmforge.quant import quantize_model
@@ -99,6 +131,5 @@ def load_tokenizer(model=None) -> Tokenizer:
     if path.is_file() and path.suffix == ".json":
         return Tokenizer.from_dir(path)
     if path.is_file():
-        meta = read_metadata(_reader(path))
-        return Tokenizer.from_gguf_fields(meta)
+        return Tokenizer.from_gguf_fields(read_gguf_metadata(path))
     return Tokenizer.from_dir(resolve_run_folder(path))

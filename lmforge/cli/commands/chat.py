@@ -1,0 +1,94 @@
+"""Chat with a model in the terminal (streaming; /reset, /system TEXT, /quit)."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from lmforge.cli.common import ModelArgs, SamplingArgs, load_lm, sampling_from
+
+HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /quit"
+
+
+@dataclass
+class Config(ModelArgs, SamplingArgs):
+    system: str | None = None
+    tools: list[str] = field(default_factory=list)  # calculator,python,search
+    search_index: str | None = None  # index for the search tool (lmforge index build)
+    max_tool_steps: int = 4
+
+
+def fit_history(lm, messages: list[dict], reserve: int, tools=None) -> tuple[list[dict], int]:
+    """Drop the oldest turns (never the system prompt or the last user turn) until the prompt
+    plus `reserve` new tokens fits the context; returns (messages, turns dropped)."""
+    ctx = lm.config.max_seq_len
+    dropped = 0
+    msgs = list(messages)
+    while len(lm.encode_chat(msgs, tools=tools)) + reserve > ctx:
+        first = 1 if msgs and msgs[0]["role"] == "system" else 0
+        if len(msgs) - first <= 1:
+            break
+        del msgs[first]
+        dropped += 1
+    return msgs, dropped
+
+
+def run(cfg: Config) -> None:
+    from lmforge.engine import stream_text
+
+    lm = load_lm(cfg)
+    params = sampling_from(cfg)
+    tools = None
+    if cfg.tools:
+        from lmforge.tools import get_tools
+
+        tools = get_tools(cfg.tools, **({"index": cfg.search_index} if cfg.search_index else {}))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"lmforge chat — {getattr(lm.model, 'source_path', 'model')}\n{HELP}", file=sys.stderr)
+    system = cfg.system
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            print(f"(system prompt {'set' if system else 'cleared'})", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(HELP, file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        messages, dropped = fit_history(lm, messages, params.max_new_tokens, tools=[t.schema() for t in tools] if tools else None)
+        if dropped:
+            print(f"(dropped {dropped} earlier message(s) to stay within the {lm.config.max_seq_len}-token context)", file=sys.stderr)
+            history = [m for m in messages if m["role"] != "system"]
+        if tools:
+            def show(m):
+                if m["role"] == "tool":
+                    print(f"[tool result] {m['content']}", file=sys.stderr)
+
+            new_messages = lm.chat_with_tools(
+                messages, tools, max_steps=cfg.max_tool_steps, on_message=show,
+                on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()), **vars(params))
+            history.extend(new_messages)
+            continue
+        reply = []
+        for _, piece in stream_text(lm.model, lm.tokenizer, [lm.encode_chat(messages)], params):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(reply)})
