@@ -21,7 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.errors import LmforgeError
 
-# A base model without a template chats as plain completion in this minimal ChatML.
+# The format SFT gives a model that has no template yet (ChatML, as the default model uses).
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -130,7 +130,14 @@ def render_conversation(tokenizer, messages: list[dict], tools=None, max_len: in
     return ids, mask
 
 
+def render_completion_text(messages: list[dict]) -> str:
+    """A base model (no chat template) chats as plain completion: the text so far, continued."""
+    return "\n\n".join(m["content"] for m in normalize_messages(messages) if m["content"])
+
+
 def render_prompt(tokenizer, messages: list[dict], tools=None) -> list[int]:
     """Token ids of a conversation ready for the assistant's next turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer.encode(render_completion_text(messages))
     text = render_text(tokenizer, messages, add_generation_prompt=True, tools=tools)
     return tokenizer.encode(text, add_bos=getattr(tokenizer, "add_bos", False) and not text.startswith(tokenizer.bos_token or "\0"))

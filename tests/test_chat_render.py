@@ -38,10 +38,15 @@ def test_loss_mask_covers_all_three_assistant_turns_and_nothing_else(tok):
     assert tok.decode(ids) == render_text(tok, CONVO)
 
 
-def test_base_model_without_template_uses_plain_chatml(tok):
+def test_base_model_without_template_chats_as_plain_completion(tok):
     from dataclasses import replace
 
+    from lmforge.chat import render_prompt
+
     bare = replace(tok, chat_template=None)
+    ids = render_prompt(bare, [{"role": "user", "content": "Once upon a time"}])
+    assert tok.decode(ids) == "Once upon a time"
+    # training data for such a model is rendered in ChatML, the format SFT gives it
     text = render_text(bare, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 

@@ -119,7 +119,7 @@ def load_model(model=None, dtype="fp32", device="cpu", quant: str = "none") -> t
     if quant and quant != "none":
         from lmforge.quant import quantize_model
 
-        m = quantize_model(m, quant)
+        m = quantize_model(m, quant, tokenizer=tok)  # the tokenizer feeds its calibration text
     return m, tok
 
 
