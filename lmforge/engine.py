@@ -51,6 +51,7 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
         drop = probs.cumsum(-1) - probs >= p.top_p
+        drop[..., 0] = False  # even a top_p that rounds to 0 keeps the most likely token
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)

@@ -1,0 +1,506 @@
+"""Continuous batching: many requests share one model and one KV cache of B slots.
+
+A background thread owns the model. Each iteration it
+1. drops cancelled requests (client gone) and frees their slots,
+2. admits queued requests into free slots (`cache.reset([slot])`),
+3. prefills admitted prompts in chunks (several rows in one forward, `rows=slots`,
+   `n_new` per row), so a long prompt never stalls the others for more than one chunk,
+4. decodes every active row in ONE forward (`model(tokens[len(active), 1], cache, rows=active)`),
+5. samples each row with its own parameters and generator, detokenizes (stop strings), and
+   pushes events to the request's asyncio queue with `loop.call_soon_threadsafe`.
+
+`n > 1` prefills the prompt once and copies its cache row into the sibling slots. Requests that
+cannot get slots wait in a bounded queue; `submit` raises `QueueFull` beyond it (HTTP 429).
+The event loop never runs model code: it only awaits queues.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.engine import SamplingParams, TextStream, apply_repetition_penalty, sample_next
+from lmforge.serve import json_mode
+
+log = logging.getLogger("lmforge.serve")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound."""
+
+
+@dataclass
+class GenRequest:
+    """One generation request on token ids; `n` choices share the prompt."""
+
+    prompt: list[int]
+    params: SamplingParams  # max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop
+    n: int = 1
+    logprobs: int | None = None  # None: off; k: the chosen token's logprob plus the top k
+    json_mode: bool = False
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    json_prefix: str = ""  # JSON already forced into the prompt (a tool call's opening): JSON mode continues it
+    json_keys: tuple | None = None  # json_mode.key_constraint: allowed keys at one depth (tool arguments)
+
+
+@dataclass
+class Event:
+    """What a request's queue receives: a token (with its released text), or a choice's end."""
+
+    index: int
+    text: str = ""
+    token: int | None = None
+    logprob: dict | None = None
+    finish: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+def _deliver(items) -> None:
+    """Hand events to their asyncio queues: one thread-safe wake-up per event loop per step
+    (a wake-up is a socket write; one per token per request costs more than sampling)."""
+    by_loop: dict = {}
+    for h, ev in items:
+        by_loop.setdefault(h.loop, []).append((h, ev))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            for h, _ in batch:
+                h.cancelled = True
+
+
+def _put_all(batch) -> None:
+    for h, ev in batch:
+        h.queue.put_nowait(ev)
+
+
+class Handle:
+    """The async side of a submitted request."""
+
+    def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop):
+        self.req = req
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self._scheduler: Scheduler | None = None
+
+    def cancel(self) -> None:
+        """Free this request's slots at the scheduler's next iteration (idempotent)."""
+        if not self.cancelled:
+            self.cancelled = True
+            if self._scheduler is not None:
+                self._scheduler.wake()
+
+    def push(self, ev: Event) -> None:  # called from the scheduler thread
+        if self._scheduler is not None:
+            self._scheduler._outbox.append((self, ev))  # delivered together at the end of the step
+        else:
+            _deliver([(self, ev)])
+
+    async def events(self):
+        """Events until every choice has finished."""
+        left = self.req.n
+        while left:
+            ev = await self.queue.get()
+            if ev.finish is not None:
+                left -= 1
+            yield ev
+
+
+@dataclass
+class _Seq:
+    """One choice of a request, living in one cache slot."""
+
+    handle: Handle
+    index: int
+    slot: int
+    stream: TextStream
+    gen: torch.Generator
+    counts: dict[int, int] = field(default_factory=dict)  # token -> times generated (penalties)
+    seen: torch.Tensor | None = None  # bool [V] for the repetition penalty (prompt + output)
+    prefilled: int = 0
+    pending: int | None = None  # sampled token not yet fed to the model
+    generated: int = 0
+    json_state: tuple | None = None
+    done: bool = False
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0  # decode forwards
+    rows: int = 0  # sum of active rows over decode steps (rows / steps = mean batch)
+    prefill_tokens: int = 0
+    tokens: int = 0
+    requests: int = 0
+
+
+class Scheduler:
+    """Owns the model, the KV cache and the thread that runs them."""
+
+    def __init__(self, model, tokenizer, slots: int = 8, ctx: int | None = None, max_queue: int = 64, prefill_chunk: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.slots = slots
+        self.ctx = min(ctx or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.device = model.lm_head.weight.device
+        self.vocab = model.cfg.vocab_size
+        self.stop_ids = tokenizer.stop_ids()
+        self.cache = None  # allocated when the thread starts
+        self.free = list(range(slots))
+        self.waiting: collections.deque[Handle] = collections.deque()
+        self.active: list[_Seq] = []
+        self.prefilling: list[list[_Seq]] = []  # groups (n choices) whose prompt is not in yet
+        self.stats = SchedulerStats()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._token_bytes: list | None = None
+        self._first_byte: torch.Tensor | None = None
+        self._outbox: list = []  # (handle, event) produced during the current step
+        self._lock = threading.Lock()
+
+    # -- public, any thread --------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop = False
+                self._thread = threading.Thread(target=self._run, name="lmforge-scheduler", daemon=True)
+                self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def submit(self, req: GenRequest, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+        """Queue a request; raises QueueFull when the queue is at its bound."""
+        if req.n > self.slots:
+            raise ValueError(f"n={req.n} exceeds the server's {self.slots} slots")
+        if len(req.prompt) + 1 > self.ctx:
+            raise ValueError(f"prompt of {len(req.prompt)} tokens does not fit the context of {self.ctx}")
+        self.start()
+        h = Handle(req, loop or asyncio.get_running_loop())
+        h._scheduler = self
+        with self._cond:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self.waiting)} requests already queued")
+            self.waiting.append(h)
+            self._cond.notify_all()
+        return h
+
+    def load(self) -> dict:
+        return {"slots": self.slots, "active": self.slots - len(self.free), "queued": len(self.waiting), "ctx": self.ctx}
+
+    def token_bytes(self) -> list:
+        if self._token_bytes is None:
+            self._token_bytes = json_mode.cached_token_bytes(self.tokenizer)
+        return self._token_bytes
+
+    # -- the thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        if self.cache is None:
+            self.cache = self.model.new_cache(self.slots, self.ctx)
+        while True:
+            with self._cond:
+                while not self._stop and not self.waiting and not self.active and not self.prefilling:
+                    self._cond.wait(timeout=1.0)
+                if self._stop:
+                    break
+            try:
+                with torch.inference_mode():
+                    self._iteration()
+            except Exception as e:  # a bug must not kill the server: fail the requests in flight
+                log.exception("scheduler iteration failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+            self._flush()
+        self._fail_all("server shutting down", finish="cancelled")
+        self._flush()
+
+    def _flush(self) -> None:
+        items, self._outbox = self._outbox, []
+        if items:
+            _deliver(items)
+
+    def _iteration(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self.prefilling:
+            self._prefill_step()
+        decodable = [s for s in self.active if s.pending is not None and not s.done]
+        if decodable:
+            self._decode_step(decodable)
+        self.active = [s for s in self.active if not s.done]
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            for h in [h for h in self.waiting if h.cancelled]:
+                self.waiting.remove(h)
+        for s in self.active:
+            if s.handle.cancelled and not s.done:
+                self._finish(s, "cancelled")
+        for group in [g for g in self.prefilling if g[0].handle.cancelled]:
+            self.prefilling.remove(group)
+            for s in group:
+                self._finish(s, "cancelled")
+        self.active = [s for s in self.active if not s.done]
+
+    def _admit(self) -> None:
+        while True:
+            with self._cond:
+                if not self.waiting or len(self.free) < self.waiting[0].req.n:
+                    return  # first come, first served: a large n waits rather than being overtaken
+                h = self.waiting.popleft()
+            req = h.req
+            slots = [self.free.pop(0) for _ in range(req.n)]
+            self.cache.reset(slots)
+            group = []
+            for i, slot in enumerate(slots):
+                seed = (req.params.seed + i) % (1 << 63) if req.params.seed is not None else random.getrandbits(62)
+                gen = torch.Generator(device=self.device).manual_seed(seed)
+                s = _Seq(h, i, slot, TextStream(self.tokenizer, req.params.stop), gen)
+                if req.params.repetition_penalty != 1.0:
+                    s.seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+                    s.seen[torch.tensor(req.prompt, device=self.device)] = True
+                if req.json_mode:
+                    s.json_state = json_mode.advance(json_mode.initial_state(), req.json_prefix.encode())
+                group.append(s)
+            self.stats.requests += 1
+            self.prefilling.append(group)
+
+    def _prefill_step(self) -> None:
+        """One forward over a chunk of every prefilling prompt (its first choice's slot)."""
+        budget = self.prefill_chunk
+        rows, chunks = [], []
+        for group in self.prefilling:
+            lead = group[0]
+            prompt = lead.handle.req.prompt
+            take = min(len(prompt) - lead.prefilled, budget)
+            if take <= 0:
+                break
+            rows.append(group)
+            chunks.append(prompt[lead.prefilled : lead.prefilled + take])
+            budget -= take
+        T = max(len(c) for c in chunks)
+        idx = torch.zeros(len(chunks), T, dtype=torch.long, device=self.device)
+        for b, c in enumerate(chunks):
+            idx[b, : len(c)] = torch.tensor(c, device=self.device)
+        n_new = torch.tensor([len(c) for c in chunks], device=self.device)
+        slots = torch.tensor([g[0].slot for g in rows], device=self.device)
+        # hidden states only: the output head runs on each row's last position, not T x vocab
+        h = self.model(idx, cache=self.cache, rows=slots, n_new=n_new, hidden_only=True)
+        self.stats.prefill_tokens += int(n_new.sum())
+        done_rows, done_groups = [], []
+        for b, group in enumerate(rows):
+            group[0].prefilled += len(chunks[b])
+            if group[0].prefilled == len(group[0].handle.req.prompt):
+                done_rows.append(b)
+                done_groups.append(group)
+        if not done_groups:
+            return
+        last = h[torch.tensor(done_rows, device=self.device), n_new[done_rows] - 1]
+        logits = self.model.lm_head(last).float()
+        for j, group in enumerate(done_groups):
+            self.prefilling.remove(group)
+            lead = group[0]
+            L = len(lead.handle.req.prompt)
+            for s in group[1:]:  # n > 1: copy the prompt's keys/values instead of recomputing them
+                for kb, vb in zip(self.cache.k, self.cache.v):
+                    kb[s.slot, :, :L] = kb[lead.slot, :, :L]
+                    vb[s.slot, :, :L] = vb[lead.slot, :, :L]
+                self.cache.lengths[s.slot] = L
+            for s in group:
+                s.prefilled = L
+                self.active.append(s)
+                self._sample_safe(s, logits[j])
+
+    def _decode_step(self, seqs: list[_Seq]) -> None:
+        tokens = torch.tensor([[s.pending] for s in seqs], device=self.device)
+        rows = torch.tensor([s.slot for s in seqs], device=self.device)
+        logits = self.model(tokens, cache=self.cache, rows=rows)[:, -1].float()
+        self.stats.steps += 1
+        self.stats.rows += len(seqs)
+        for j, s in enumerate(seqs):
+            s.pending = None
+            self._sample_safe(s, logits[j])
+
+    # -- sampling, one row ---------------------------------------------------------------
+    def _sample_safe(self, s: _Seq, logits: torch.Tensor) -> None:
+        """One request's bad sampling parameters end that request, not the whole batch."""
+        try:
+            self._sample(s, logits)
+        except Exception as e:  # noqa: BLE001
+            log.exception("sampling failed")
+            if not s.done:
+                s.done = True
+                self.free.append(s.slot)
+                self.free.sort()
+                s.handle.push(Event(s.index, finish="error", error=f"sampling failed: {type(e).__name__}: {e}",
+                                    completion_tokens=s.generated))
+
+    def _sample(self, s: _Seq, logits: torch.Tensor) -> None:
+        req = s.handle.req
+        p = req.params
+        if s.handle.cancelled:
+            self._finish(s, "cancelled")
+            return
+        raw = logits
+        logits = logits[None]
+        if req.logit_bias:
+            logits = logits.clone()
+            ids = torch.tensor(list(req.logit_bias), device=self.device)
+            logits[0, ids] += torch.tensor(list(req.logit_bias.values()), device=self.device, dtype=logits.dtype)
+        if s.seen is not None:
+            logits = apply_repetition_penalty(logits, s.seen[None], p.repetition_penalty)
+        if s.counts and (req.presence_penalty or req.frequency_penalty):
+            ids = torch.tensor(list(s.counts), device=self.device)
+            c = torch.tensor(list(s.counts.values()), device=self.device, dtype=logits.dtype)
+            logits = logits.clone()
+            logits[0, ids] -= req.presence_penalty + req.frequency_penalty * c
+        if req.ignore_eos:
+            logits = logits.clone()
+            logits[0, list(self.stop_ids)] = float("-inf")
+        if req.json_mode:
+            tok, s.json_state = self._sample_json(s, logits, p)
+            if tok is None:  # nothing can continue the JSON: end it rather than emit garbage
+                self._finish(s, "stop")
+                return
+        else:
+            tok = int(sample_next(logits, p, s.gen)[0])
+        if tok in self.stop_ids:
+            self._finish(s, "stop")
+            return
+        s.generated += 1
+        self.stats.tokens += 1
+        s.counts[tok] = s.counts.get(tok, 0) + 1
+        if s.seen is not None:
+            s.seen[tok] = True
+        lp = self._logprob(raw, tok, req.logprobs) if req.logprobs is not None else None
+        piece = s.stream.push(tok)
+        s.handle.push(Event(s.index, text=piece, token=tok, logprob=lp))
+        if s.stream.stopped or (req.json_mode and json_mode.is_complete(s.json_state)):
+            self._finish(s, "stop")
+        elif s.generated >= p.max_new_tokens or int(self.cache.lengths[s.slot]) + 1 > self.ctx:
+            self._finish(s, "length")
+        else:
+            s.pending = tok
+
+    def _sample_json(self, s: _Seq, logits: torch.Tensor, p: SamplingParams):
+        """A token keeping the output a JSON-object prefix, or (None, state) if none can.
+
+        The proposed token (sampled, or the argmax) is nearly always valid, so try it first;
+        otherwise mask the vocabulary down to tokens whose first byte may come next (256 checks)
+        and propose again; last, walk the survivors by rank.
+        """
+        table = self.token_bytes()
+        st = s.json_state
+        keys = s.handle.req.json_keys
+
+        def ok(t):
+            data = table[t] if t < len(table) else None
+            return json_mode.advance(st, data, keys=keys) if data else None
+
+        masked = logits
+        for attempt in range(2):
+            if not bool(torch.isfinite(masked).any()):
+                return None, st
+            if p.temperature > 0:
+                m = masked.clone()
+                for _ in range(8):  # rejection sampling keeps the sampled distribution's shape
+                    t = int(sample_next(m, p, s.gen)[0])
+                    nst = ok(t)
+                    if nst is not None:
+                        return t, nst
+                    m[0, t] = float("-inf")
+                    if not bool(torch.isfinite(m).any()):
+                        break
+            else:
+                t = int(masked[0].argmax())
+                nst = ok(t)
+                if nst is not None:
+                    return t, nst
+            if attempt == 0:
+                masked = logits.masked_fill(~self._first_byte_mask(st, keys)[None], float("-inf"))
+        for t in torch.argsort(masked[0], descending=True).tolist():
+            if masked[0, t] == float("-inf"):
+                break
+            nst = ok(t)
+            if nst is not None:
+                return t, nst
+        return None, st
+
+    def _first_byte_mask(self, st, keys=None) -> torch.Tensor:
+        """Bool [V]: tokens whose first byte can continue the JSON from state `st`."""
+        if self._first_byte is None:
+            table = self.token_bytes()
+            first = [t[0] if t else 256 for t in table] + [256] * max(0, self.vocab - len(table))
+            self._first_byte = torch.tensor(first[: self.vocab], device=self.device)
+        allowed = torch.zeros(257, dtype=torch.bool, device=self.device)
+        for b in range(256):
+            allowed[b] = json_mode.step(st, b, keys=keys) is not None
+        return allowed[self._first_byte]
+
+    def _logprob(self, logits: torch.Tensor, tok: int, k: int) -> dict:
+        """OpenAI's logprob entry for the chosen token (model distribution, before sampling tweaks)."""
+        lp = torch.log_softmax(logits, -1)
+        entry = {"id": tok, "logprob": float(lp[tok]), "top": []}
+        if k:
+            vals, ids = torch.topk(lp, k)
+            entry["top"] = [(int(i), float(v)) for i, v in zip(ids, vals)]
+        return entry
+
+    def token_text(self, tok: int) -> tuple[str, list[int]]:
+        """A token's text and bytes, for logprob entries."""
+        table = self.token_bytes()
+        data = table[tok] if tok < len(table) else None
+        if data is None:
+            text = self.tokenizer.id_to_token(tok) or ""
+            return text, list(text.encode())
+        return data.decode("utf-8", errors="replace"), list(data)
+
+    def _finish(self, s: _Seq, reason: str) -> None:
+        if s.done:
+            return
+        s.done = True
+        tail = s.stream.flush() if reason in ("stop", "length") else ""
+        self.free.append(s.slot)
+        self.free.sort()
+        s.handle.push(Event(s.index, text=tail, finish=reason, completion_tokens=s.generated))
+
+    def _fail_all(self, msg: str, finish: str = "error") -> None:
+        for s in self.active:
+            if not s.done:
+                s.done = True
+                self.free.append(s.slot)
+                s.handle.push(Event(s.index, finish=finish, error=msg, completion_tokens=s.generated))
+        for group in self.prefilling:
+            for s in group:
+                s.done = True
+                self.free.append(s.slot)
+                s.handle.push(Event(s.index, finish=finish, error=msg))
+        self.active, self.prefilling = [], []
+        self.free = sorted(set(self.free))
+        if finish == "cancelled":
+            with self._cond:
+                while self.waiting:
+                    h = self.waiting.popleft()
+                    for i in range(h.req.n):
+                        h.push(Event(i, finish=finish, error=msg))
