@@ -1,0 +1,294 @@
+"""Finetuning cost on the default model: tokens/s and peak memory of full vs LoRA vs QLoRA,
+with TRL's SFTTrainer + PEFT LoRA (r=16, all-linear) as the reference when TRL is installed.
+
+Every configuration runs in its own process (so peak memory is its own), on the same chat data,
+batch size, sequence length, number of steps and threads:
+
+    python benchmarks/sft_memory.py                      # batch 8 x up to 256 tokens, 6 steps
+    python benchmarks/sft_memory.py --steps 4 --no-trl   # quicker
+
+Peak memory is the process's peak resident set (VmHWM) during the training steps: it is reset
+after the model is loaded and prepared (`/proc/self/clear_refs`), so it counts the weights plus
+what training adds (gradients, optimizer state, activations), not the loading. Tokens/s counts
+the real (non-padding) input tokens per step, over the steps after the first (warm-up).
+Results: a table, and benchmarks/results/sft_memory.json.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see sft_demo.py: shared machine, no spinning
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+# -- data ---------------------------------------------------------------------------------------
+def make_records(n: int, seed: int = 0) -> list[dict]:
+    """Multi-turn chats (~150-250 tokens): the demo's persona task, several rounds per chat."""
+    import random
+
+    from sft_demo import PERSONA, WORDS, rule
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": PERSONA}]
+        for _ in range(rng.randint(4, 6)):
+            words = rng.sample(WORDS, rng.randint(4, 8))
+            msgs += [{"role": "user", "content": " ".join(words)}, {"role": "assistant", "content": rule(words)}]
+        out.append({"messages": msgs})
+    return out
+
+
+# -- memory -------------------------------------------------------------------------------------
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak() -> int:
+    """Free what can be freed, reset the peak-RSS mark; returns the current RSS in MiB."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_kb("VmRSS") // 1024
+
+
+def peak_mib() -> int:
+    return _status_kb("VmHWM") // 1024
+
+
+# -- workers ------------------------------------------------------------------------------------
+def worker_lmforge(a) -> dict:
+    import torch
+
+    from lmforge.finetune.datasets import Example, tokenize_examples
+    from lmforge.finetune.lora import LoraSettings
+    from lmforge.finetune.sft import SFTBatches, make_sft_loss, prepare_model
+    from lmforge.loading import load_model
+    from lmforge.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    model, tok = load_model(a.model, dtype="fp32")
+    records = [json.loads(line) for line in Path(a.data).read_text().splitlines()]
+    rows, _ = tokenize_examples(tok, [Example(r["messages"], f"{a.data}:{i + 1}") for i, r in enumerate(records)], a.seq)
+    method = a.worker.split(":")[1]
+    params = prepare_model(model, method, LoraSettings(r=16, alpha=32, dropout=0.0, targets=["all-linear"]), "nf4")
+    batches = SFTBatches(rows, a.batch, a.seq, tok.pad_id, pack=False, seed=0)
+    cfg = TrainConfig(lr=1e-4, warmup_steps=0, max_steps=a.steps, schedule="constant", weight_decay=0.0,
+                      dtype=a.dtype, activation_checkpointing=a.savers, log_every=1, save_every=0, seed=0)
+    peak = {}
+
+    def at_end(m):  # runs after the last step, before the final checkpoint is written
+        peak["mib"] = peak_mib()
+        return {}
+
+    base = reset_peak()
+    with tempfile.TemporaryDirectory() as run_dir:
+        res = train(model, make_sft_loss(a.ce_chunk if a.savers else 0), batches, cfg, run_dir, params=params,
+                    eval_fn=at_end, save_fn=lambda m, d: None, tokenizer=tok, progress=False)
+    hist = [r for r in res["history"] if "tokens_per_s" in r]
+    n_train = sum(p.numel() for p in {id(p): p for p in params}.values())
+    return _rates(hist, peak.get("mib", peak_mib()), base, n_train)
+
+
+def _rates(hist: list[dict], peak: int, base: int, n_train: int) -> dict:
+    """Tokens/s over steps 2..N from the per-step records (cumulative tokens, elapsed seconds)."""
+    first, last = hist[0], hist[-1]
+    toks = last["tokens"] - first["tokens"]
+    secs = last["elapsed_s"] - first["elapsed_s"]
+    return {"tokens_per_s": round(toks / secs, 2), "step_s": round(secs / (len(hist) - 1), 2),
+            "tokens_per_step": round(toks / (len(hist) - 1), 1), "peak_mib": peak, "rss_before_mib": base,
+            "trainable_params": n_train}
+
+
+def worker_trl(a) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(a.hf_dir)
+    records = [json.loads(line) for line in Path(a.data).read_text().splitlines()]
+    ds = datasets.Dataset.from_list(records)
+    ckpt = a.worker.endswith("default")
+    times, tokens, peak = [], [], {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.time())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "num_tokens" in logs:
+                tokens.append((state.global_step, float(logs["num_tokens"])))
+
+        def on_train_end(self, args, state, control, **kw):
+            peak["mib"] = peak_mib()
+
+    with tempfile.TemporaryDirectory() as out:
+        kw = dict(output_dir=out, per_device_train_batch_size=a.batch, max_steps=a.steps, max_length=a.seq,
+                  logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, learning_rate=1e-4,
+                  lr_scheduler_type="constant", warmup_steps=0, dataloader_num_workers=0, seed=0,
+                  bf16=a.dtype == "bf16")
+        if not ckpt:
+            kw["gradient_checkpointing"] = False  # TRL's default is True (recompute in backward)
+        trainer = SFTTrainer(model=model, args=SFTConfig(**kw), train_dataset=ds, processing_class=tok,
+                             peft_config=LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+                             callbacks=[Clock()])
+        base = reset_peak()
+        trainer.train()
+    steps = dict(tokens)
+    # num_tokens is cumulative per logged step; rates over steps 2..N as for lmforge
+    toks = steps[a.steps] - steps[1]
+    secs = times[-1] - times[0]
+    n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {"tokens_per_s": round(toks / secs, 2), "step_s": round(secs / (len(times) - 1), 2),
+            "tokens_per_step": round(toks / (a.steps - 1), 1), "peak_mib": peak.get("mib", peak_mib()),
+            "rss_before_mib": base, "trainable_params": n_train,
+            "gradient_checkpointing": trainer.args.gradient_checkpointing, "bf16": trainer.args.bf16}
+
+
+# -- driver ---------------------------------------------------------------------------------------
+def run_worker(spec: str, a, data: Path, hf_dir: Path | None, savers: bool) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [sys.executable, __file__, "--worker", spec, "--json", out, "--data", str(data), "--batch", str(a.batch),
+           "--seq", str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads), "--dtype", a.dtype,
+           "--ce-chunk", str(a.ce_chunk)]
+    if savers:
+        cmd.append("--savers")
+    if hf_dir is not None:
+        cmd += ["--hf-dir", str(hf_dir)]
+    if a.model:
+        cmd += ["--model", a.model]
+    t = time.time()
+    print(f"running {spec} (memory savers {'on' if savers else 'off'}) ...", flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
+        return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
+    res = json.loads(Path(out).read_text())
+    res["wall_s"] = round(time.time() - t, 1)
+    os.unlink(out)
+    print(f"  {res}", flush=True)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="bf16", help="autocast dtype for every configuration (fp32 | bf16)")
+    ap.add_argument("--ce-chunk", type=int, default=512)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "sft_memory.json"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--savers", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a.worker:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        res = worker_trl(a) if a.worker.startswith("trl") else worker_lmforge(a)
+        Path(a.json).write_text(json.dumps(res))
+        return 0
+
+    import importlib.util
+
+    have_trl = not a.no_trl and importlib.util.find_spec("trl") is not None
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in make_records(a.batch * (a.steps + 2))))
+        hf_dir = None
+        if have_trl:
+            from lmforge.loading import load_model, save_hf
+
+            m, tok = load_model(a.model)
+            hf_dir = save_hf(m, tok, Path(tmp) / "hf")
+            del m
+        runs = {}
+        # the method comparison: same batch, length, dtype and memory savers (activation
+        # checkpointing + chunked cross-entropy) for every method
+        for method in ("full", "lora", "qlora"):
+            runs[f"{method} (savers on)"] = run_worker(f"lmforge:{method}", a, data, None, True)
+        # the speed comparison with TRL: lmforge LoRA as it runs by default (no recompute)
+        runs["lora (savers off)"] = run_worker("lmforge:lora", a, data, None, False)
+        runs["full (savers off)"] = run_worker("lmforge:full", a, data, None, False)
+        if have_trl:
+            runs["trl lora (TRL defaults)"] = run_worker("trl:default", a, data, hf_dir, True)
+            runs["trl lora (no grad ckpt)"] = run_worker("trl:nockpt", a, data, hf_dir, False)
+
+    def get(name, key):
+        return runs.get(name, {}).get(key)
+
+    ratios = {}
+    if get("full (savers on)", "peak_mib") and get("lora (savers on)", "peak_mib"):
+        ratios["lora_over_full_peak_memory_savers_on"] = round(get("lora (savers on)", "peak_mib") / get("full (savers on)", "peak_mib"), 3)
+        ratios["qlora_over_full_peak_memory_savers_on"] = round(get("qlora (savers on)", "peak_mib") / get("full (savers on)", "peak_mib"), 3)
+    if get("full (savers off)", "peak_mib") and get("lora (savers off)", "peak_mib"):
+        ratios["lora_over_full_peak_memory_savers_off"] = round(get("lora (savers off)", "peak_mib") / get("full (savers off)", "peak_mib"), 3)
+    for ref in ("trl lora (TRL defaults)", "trl lora (no grad ckpt)"):
+        if get(ref, "tokens_per_s") and get("lora (savers off)", "tokens_per_s"):
+            ratios[f"lmforge_lora_over_{ref.replace(' ', '_').replace('(', '').replace(')', '')}_tokens_per_s"] = round(
+                get("lora (savers off)", "tokens_per_s") / get(ref, "tokens_per_s"), 2)
+
+    print(f"\n{'configuration':<28}{'tokens/s':>10}{'s/step':>9}{'peak MiB':>10}{'trainable':>14}")
+    for name, r in runs.items():
+        if "error" in r:
+            print(f"{name:<28}  error: {r['error']}")
+            continue
+        print(f"{name:<28}{r['tokens_per_s']:>10.1f}{r['step_s']:>9.2f}{r['peak_mib']:>10}{r['trainable_params']:>14,}")
+    for k, v in ratios.items():
+        print(f"{k}: {v}")
+    res = {
+        "benchmark": "sft_memory",
+        "command": "python benchmarks/sft_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": a.threads,
+                    "load_avg_start": round(load_start, 2), "load_avg_end": round(os.getloadavg()[0], 2),
+                    "note": "shared machine: other jobs ran at the same time; configurations ran one after another"},
+        "settings": {"batch": a.batch, "max_seq_len": a.seq, "steps": a.steps, "measured_steps": a.steps - 1,
+                     "autocast": a.dtype, "weights": "fp32 (qlora: nf4 linear layers)", "lora": "r=16, all-linear, dropout 0",
+                     "savers_on": f"activation checkpointing + chunked cross-entropy ({a.ce_chunk} tokens)",
+                     "data": "multi-turn persona chats (benchmarks/sft_demo.py task), same records for every run"},
+        "runs": runs, "ratios": ratios,
+        "targets": {"lora_over_full_peak_memory_at_most": 0.5, "lmforge_lora_over_trl_tokens_per_s_at_least": 1.5},
+    }
+    Path(a.result).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.result).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {a.result}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Fold a LoRA adapter (lmforge's or PEFT's) into its base model and write a full HF folder.
+
+    lmforge merge --model runs/sft --out merged/               # run folder: its latest adapter
+    lmforge merge --model BASE --adapter ADAPTER_DIR --out merged/
+
+The output loads in `transformers` (AutoModelForCausalLM.from_pretrained), in lmforge, and
+converts to GGUF like any HF folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    model: str | None = None  # the adapter (run folder or adapter folder), or the base when --adapter is given
+    adapter: str = ""  # adapter folder (adapter_config.json + adapter_model.safetensors)
+    out: str = ""
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 weights in the output
+
+
+def run(cfg: Config) -> int:
+    from pathlib import Path
+
+    from lmforge.errors import LmforgeError
+    from lmforge.finetune.lora import load_adapter_model
+    from lmforge.loading import save_hf
+    from lmforge.loading.load import adapter_folder, parse_dtype
+
+    if not cfg.out:
+        raise LmforgeError("--out is required (the folder for the merged model)")
+    if cfg.adapter:
+        adapter, base = Path(cfg.adapter), cfg.model
+        if adapter_folder(adapter) is not None:
+            adapter = adapter_folder(adapter)
+        elif not (adapter / "adapter_config.json").exists():
+            raise LmforgeError(f"{adapter} holds no adapter (adapter_config.json)")
+    else:
+        adapter = adapter_folder(cfg.model) if cfg.model else None
+        base = None
+        if adapter is None:
+            raise LmforgeError(f"{cfg.model or 'the default model'} holds no LoRA adapter; pass --model RUN_OR_ADAPTER or --adapter DIR")
+    model, tok = load_adapter_model(adapter, base=base, dtype=parse_dtype(cfg.dtype))
+    dtype = parse_dtype(cfg.dtype)
+    save_hf(model, tok, cfg.out, dtype=dtype)
+    print(f"merged {adapter} into {base or 'its base model'}; wrote {cfg.out}")
+    return 0

@@ -1,0 +1,304 @@
+"""The low-overhead decoder for one sequence: `FastDecoder(model)`.
+
+Same math as `Transformer.forward`, arranged for a CPU at batch 1 where per-op overhead is a
+large part of a 135M model's step (a few microseconds per dispatched op, ~450+ ops a token):
+
+- q/k/v and gate/up are fused into one matmul each, built from the model's own weights when
+  the decoder is made; the model's modules and state-dict keys are untouched (PEFT and the
+  parity tests see the model as it was). Quantized layers are fused exactly (per-row scales).
+- q/k rows are reordered per head into llama.cpp's interleaved RoPE layout, so rotary
+  embedding is one in-place complex multiply on the fused q|k output. Scores q.k are the same
+  because q and k get the same reordering; the cache holds keys in that order.
+- A static KV cache [layers, 2, kv_heads, capacity, head_dim] preallocated and reused across
+  calls; cache writes are one copy per layer; the position is a Python int.
+- Grouped-query attention without repeating K/V (heads grouped in a batched matmul).
+- Only the last position goes through the output head during prefill.
+
+`generate_tokens` has the engine's semantics for one prompt; the engine delegates to it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.quant import QuantLinear, fuse_quant_linears
+
+
+def interleave_order(n_heads: int, head_dim: int) -> torch.Tensor:
+    """Row order that turns HF's rotate-half layout into adjacent (re, im) pairs per head."""
+    half = head_dim // 2
+    per_head = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+    return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).reshape(-1)
+
+
+class _Linear:
+    """A plain or quantized linear map, called as f(x)."""
+
+    __slots__ = ("w", "b", "q", "pre", "dtype")
+
+    def __init__(self, w=None, b=None, q: QuantLinear | None = None, dtype=None):
+        self.w, self.b, self.q, self.dtype = w, b, q, dtype
+        self.pre = None if q is None else q.inv_smooth  # input smoothing of a quantized layer
+
+    def fold_into(self, norm_weight: torch.Tensor) -> torch.Tensor:
+        """Move the input smoothing into the RMSNorm weight that precedes this layer."""
+        if self.pre is None:
+            return norm_weight
+        folded = (norm_weight.float() * self.pre).to(norm_weight.dtype)
+        self.pre = None
+        return folded
+
+    def __call__(self, x):
+        if self.q is None:
+            return F.linear(x, self.w, self.b)
+        x = x.float()
+        if self.pre is not None:
+            x = x * self.pre
+        y = self.q.forward_raw(x)
+        return y if self.dtype == torch.float32 else y.to(self.dtype)
+
+
+def _fuse(mods: list[nn.Module], orders: list, dtype) -> _Linear:
+    if all(isinstance(m, QuantLinear) for m in mods):
+        return _Linear(q=fuse_quant_linears(mods, orders), dtype=dtype)
+    ws, bs = [], []
+    for m, o in zip(mods, orders):
+        w = m.weight.detach()
+        b = m.bias.detach() if m.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        ws.append(w if o is None else w[o.to(w.device)])
+        bs.append(b if o is None else b[o.to(b.device)])
+    bias = torch.cat(bs) if any(m.bias is not None for m in mods) else None
+    return _Linear(torch.cat(ws).contiguous(), bias)
+
+
+def _single(m: nn.Module, dtype) -> _Linear:
+    if isinstance(m, QuantLinear):
+        return _Linear(q=m, dtype=dtype)
+    return _Linear(m.weight.detach(), None if m.bias is None else m.bias.detach())
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast path cannot run this model (None when it can)."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not hasattr(model, "model"):
+        return "not an lmforge Transformer"
+    if cfg.is_moe:
+        return "mixture-of-experts model"
+    if cfg.head_dim % 2:
+        return "odd head_dim"
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"forward hooks on {name or 'the model'}"
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
+            if type(m) not in (nn.Linear, QuantLinear):
+                return f"{name} is a {type(m).__name__} (adapters run on the general engine)"
+    return None
+
+
+def _signature(model) -> tuple:
+    """Identity and in-place version of every parameter: a changed weight invalidates fusions."""
+    sig = []
+    for p in model.parameters():
+        try:
+            sig.append((id(p), p._version))
+        except RuntimeError:  # inference tensors keep no version counter
+            sig.append((id(p), p.data_ptr()))
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            sig.append(id(m._packed))
+    return tuple(sig)
+
+
+class FastDecoder:
+    """Static-cache decoding of one sequence. `layer_ids` selects layers (a self-draft skips some)."""
+
+    def __init__(self, model, layer_ids: list[int] | None = None, shared: "FastDecoder | None" = None):
+        cfg = model.cfg
+        self.cfg = cfg
+        self.n_layers_total = cfg.n_layers
+        emb = model.model.embed_tokens.weight
+        self.device = emb.device
+        self.dtype = emb.dtype
+        self.embed = emb.detach()
+        H, KV, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.H, self.KV, self.D = H, KV, D
+        self.scale = 1.0 / math.sqrt(D)
+        if shared is not None:  # a draft sharing the target's fused weights
+            self.layers = [shared.layers[i] for i in layer_ids]
+            self.final_norm, self.head, self.inv_freq = shared.final_norm, shared.head, shared.inv_freq
+        else:
+            qo, ko = interleave_order(H, D), interleave_order(KV, D)
+            self.layers = []
+            for i, blk in enumerate(model.model.layers):
+                if layer_ids is not None and i not in layer_ids:
+                    continue
+                at, mlp = blk.self_attn, blk.mlp
+                qkv = _fuse([at.q_proj, at.k_proj, at.v_proj], [qo, ko, None], self.dtype)
+                gate_up = _fuse([mlp.gate_proj, mlp.up_proj], [None, None], self.dtype)
+                n1 = qkv.fold_into(blk.input_layernorm.weight.detach())
+                n2 = gate_up.fold_into(blk.post_attention_layernorm.weight.detach())
+                self.layers.append((n1, qkv, _single(at.o_proj, self.dtype), n2, gate_up, _single(mlp.down_proj, self.dtype)))
+            self.head = _single(model.lm_head, self.dtype)
+            self.final_norm = self.head.fold_into(model.model.norm.weight.detach())
+            self.inv_freq = model.inv_freq.detach().float().to(self.device)
+        self.eps = cfg.norm_eps
+        self.ff = cfg.d_ff
+        self.kv = None  # [L, 2, KV, capacity, D]
+        self.freqs = None  # complex64 [capacity, D/2]
+        self.capacity = 0
+        self.pos = 0
+
+    # -- state ----------------------------------------------------------------------------
+    def draft(self, layer_ids: list[int]) -> "FastDecoder":
+        """A layer-skipping self-draft: these layers of this decoder, its own cache."""
+        d = FastDecoder.__new__(FastDecoder)
+        d.__dict__.update(self.__dict__)
+        d.layers = [self.layers[i] for i in layer_ids]
+        d.kv, d.freqs, d.capacity, d.pos = None, None, 0, 0
+        return d
+
+    def reset(self, capacity: int) -> None:
+        """Empty the cache, growing the buffers when `capacity` exceeds them."""
+        if capacity > self.capacity:
+            L = len(self.layers)
+            self.kv = torch.zeros(L, 2, self.KV, capacity, self.D, dtype=self.dtype, device=self.device)
+            pos = torch.arange(capacity, device=self.device, dtype=torch.float32)
+            ang = pos[:, None] * self.inv_freq[None, :]
+            self.freqs = torch.polar(torch.ones_like(ang), ang)  # e^{i * pos * freq}
+            self.capacity = capacity
+        self.pos = 0
+
+    def rollback(self, pos: int) -> None:
+        """Forget everything after `pos` tokens (rejected speculative tokens)."""
+        self.pos = pos
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Append token ids [T] at the current position; fp32 logits [T, V] (or [1, V], last)."""
+        T = ids.shape[0]
+        p0 = self.pos
+        S = p0 + T
+        if S > self.capacity:
+            raise ValueError(f"KV cache full: {S} tokens > capacity {self.capacity}")
+        H, KV, D = self.H, self.KV, self.D
+        G = H // KV
+        x = F.embedding(ids, self.embed)  # [T, C]
+        freqs = self.freqs[p0:S][:, None, :]  # [T, 1, D/2]
+        half = self.dtype != torch.float32
+        mask = None
+        if T > 1 and p0 > 0:  # a chunk after a prefix: query t sees keys 0..p0+t
+            kpos = torch.arange(S, device=self.device)
+            mask = kpos[None, :] <= (p0 + torch.arange(T, device=self.device))[:, None]
+        for li, (n1, qkv_l, o_l, n2, gu_l, down_l) in enumerate(self.layers):
+            h = F.rms_norm(x, (x.shape[-1],), n1, self.eps)
+            qkv = qkv_l(h)  # [T, (H + 2 KV) D]
+            qk = qkv[:, : (H + KV) * D].view(T, H + KV, D // 2, 2)
+            if half:
+                qk.copy_(torch.view_as_real(torch.view_as_complex(qk.float()) * freqs))
+            else:
+                torch.view_as_complex(qk).mul_(freqs)
+            kv = self.kv[li]
+            kv[:, :, p0:S].copy_(qkv[:, H * D :].view(T, 2, KV, D).permute(1, 2, 0, 3))
+            q = qkv[:, : H * D].view(T, KV, G, D)
+            k, v = kv[0, :, :S], kv[1, :, :S]  # [KV, S, D]
+            if T == 1:
+                # [KV, G, D] @ [KV, D, S] -> softmax -> @ [KV, S, D]
+                s = torch.bmm(q[0], k.transpose(1, 2)).mul_(self.scale)
+                y = torch.bmm(s.softmax(-1), v).reshape(1, H * D)
+            else:
+                qh = q.permute(1, 2, 0, 3).reshape(1, H, T, D)
+                y = F.scaled_dot_product_attention(qh, k[None], v[None], attn_mask=mask, is_causal=mask is None, enable_gqa=G > 1)
+                y = y[0].permute(1, 0, 2).reshape(T, H * D)
+            x = x + o_l(y)
+            h = F.rms_norm(x, (x.shape[-1],), n2, self.eps)
+            gu = gu_l(h)
+            a = F.silu(gu[:, : self.ff]) * gu[:, self.ff :]
+            x = x + down_l(a)
+        self.pos = S
+        if not all_logits:
+            x = x[-1:]
+        x = F.rms_norm(x, (x.shape[-1],), self.final_norm, self.eps)
+        return self.head(x).float()
+
+    # -- generation -----------------------------------------------------------------------
+    def generate_tokens(
+        self,
+        prompt: list[int],
+        params,
+        stop_ids: set[int] | None = None,
+        should_stop: Callable[[int, list[int]], bool] | None = None,
+    ) -> Iterator[tuple[int, int]]:
+        """The engine's `generate_tokens` for one prompt: yields (0, token_id)."""
+        from lmforge.engine import _check_prompts, apply_repetition_penalty, sample_next
+
+        capacity = _check_prompts(_CfgHolder(self.cfg), [prompt], params.max_new_tokens)
+        stop_ids = set(params.stop_ids if params.stop_ids is not None else (stop_ids or set()))
+        gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros(1, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+            seen[0, torch.tensor(prompt, device=self.device)] = True
+        self.reset(capacity)
+        logits = self.forward(torch.tensor(prompt, device=self.device))
+        produced: list[int] = []
+        buf = torch.empty(1, dtype=torch.long, device=self.device)
+        for _ in range(params.max_new_tokens):
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+            tok = int(sample_next(logits, params, gen)[0])
+            if tok in stop_ids:
+                return
+            produced.append(tok)
+            # asked before yielding, as the engine does, so a caller's state is current
+            stop_here = should_stop is not None and should_stop(0, produced)
+            yield 0, tok
+            if seen is not None:
+                seen[0, tok] = True
+            if stop_here:
+                return
+            if self.pos + 1 > capacity or len(produced) >= params.max_new_tokens:
+                return
+            buf[0] = tok
+            logits = self.forward(buf)
+
+
+class _CfgHolder:
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+
+# Decoders are cached per model (weakly: the cache never keeps a model alive) and rebuilt when a
+# weight changed in place or was replaced.
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def enabled() -> bool:
+    return os.environ.get("LMFORGE_FAST", "1") not in ("0", "false", "off", "")
+
+
+def fast_decoder_for(model) -> FastDecoder | None:
+    """The cached FastDecoder of `model`, built on first use; None when the fast path is off
+    (LMFORGE_FAST=0) or cannot run this model (see `unsupported_reason`)."""
+    if not enabled() or unsupported_reason(model) is not None:
+        return None
+    sig = _signature(model)
+    hit = _DECODERS.get(model)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    with torch.no_grad():
+        dec = FastDecoder(model)
+    _DECODERS[model] = (sig, dec)
+    return dec
+
+
+def set_threads(n: int | None) -> None:
+    """Use `n` CPU threads for matmuls (None/0: leave PyTorch's default)."""
+    if n:
+        torch.set_num_threads(int(n))
