@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.engine import SamplingParams, generate_naive
+from lmforge.engine import SamplingParams, generate_naive, generate_tokens
 from lmforge.errors import LmforgeError
 from lmforge.fast.speculative import NgramDrafter, SpecStats, generate_speculative
 from test_fast_decode import sharp_tiny
@@ -53,7 +53,8 @@ def test_default_model_speculative(default_lm):
     prompt = lm.encode_chat([{"role": "user", "content": f"Repeat this code exactly:\n{text}"}])
     p = SamplingParams(max_new_tokens=24)
     stop = lm.tokenizer.stop_ids()
-    plain = generate_naive(lm.model, prompt, p, stop_ids=stop)
+    # plain greedy decoding (the fast path, itself tested against generate_naive)
+    plain = [t for _, t in generate_tokens(lm.model, [prompt], p, stop_ids=stop)]
     for draft in ("ngram", "target"):
         st = SpecStats()
         with torch.inference_mode():

@@ -293,11 +293,30 @@ class SFTConfig:
     pack: bool = False  # several examples per row, no attention across them
     epochs: float = 1.0  # used when train.max_steps is 0
     ce_chunk: int = 0  # chunked cross-entropy: tokens per chunk (0 = off)
+    lean_malloc: bool = False  # hand freed memory back to the OS at once: lower peak RSS, slower steps
     sample_prompt: str = ""  # a user message answered at every eval (watch the model learn)
     seed: int = 0
     threads: int = 0  # torch threads; 0 = torch's default
     lora: LoraArgs = field(default_factory=LoraArgs)
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+
+
+def lean_malloc(threshold: int = 64 * 1024) -> bool:
+    """Make glibc serve every allocation above `threshold` bytes with its own mapping.
+
+    By default glibc raises that threshold as large blocks are freed, so a training step's
+    transient tensors end up in heap arenas that keep their pages after the tensors die: the
+    process's peak RSS measured ~0.5 GiB above its live tensors in a LoRA step of the default
+    model. With a fixed threshold freed tensors go straight back to the OS; the price is page
+    faults on every new large tensor (steps measured ~30 % slower on a loaded 2-core machine).
+    Returns False where this is not glibc.
+    """
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def base_model_id(resolved: str) -> str:
@@ -337,6 +356,8 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
         raise LmforgeError("set the seed with --seed (it seeds data order, adapter init and the trainer)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.lean_malloc:
+        lean_malloc()
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
 
