@@ -161,7 +161,7 @@ def main() -> None:
             "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.time()
     if args.stage == "small":
-        args.lr = args.lr or 1e-4
+        args.lr = args.lr or 3e-5
         if args.from_sft:
             sft = Path(args.from_sft)
             info["sft"] = {"from": str(sft)}

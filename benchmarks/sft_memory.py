@@ -4,7 +4,7 @@ with TRL's SFTTrainer + PEFT LoRA (r=16, all-linear) as the reference when TRL i
 Every configuration runs in its own process (so peak memory is its own), on the same chat data,
 batch size, sequence length, number of steps and threads:
 
-    python benchmarks/sft_memory.py                      # batch 8 x up to 256 tokens, 6 steps
+    python benchmarks/sft_memory.py                      # batch 8 x up to 256 tokens, 5 steps
     python benchmarks/sft_memory.py --steps 4 --no-trl   # quicker
 
 Peak memory is the process's peak resident set (VmHWM) during the training steps: it is reset
@@ -88,10 +88,11 @@ def worker_lmforge(a) -> dict:
     from lmforge.train import TrainConfig, train
 
     torch.manual_seed(0)
-    model, tok = load_model(a.model, dtype="fp32")
+    parts = a.worker.split(":")  # lmforge:METHOD[:bf16base]
+    model, tok = load_model(a.model, dtype="bf16" if "bf16base" in parts else "fp32")
     records = [json.loads(line) for line in Path(a.data).read_text().splitlines()]
     rows, _ = tokenize_examples(tok, [Example(r["messages"], f"{a.data}:{i + 1}") for i, r in enumerate(records)], a.seq)
-    method = a.worker.split(":")[1]
+    method = parts[1]
     params = prepare_model(model, method, LoraSettings(r=16, alpha=32, dropout=0.0, targets=["all-linear"]), "nf4")
     batches = SFTBatches(rows, a.batch, a.seq, tok.pad_id, pack=False, seed=0)
     cfg = TrainConfig(lr=1e-4, warmup_steps=0, max_steps=a.steps, schedule="constant", weight_decay=0.0,
@@ -245,16 +246,19 @@ def main(argv=None) -> int:
             hf_dir = save_hf(m, tok, Path(tmp) / "hf")
             del m
         runs = {}
-        # the method comparison: same batch, length, dtype and memory savers (activation
-        # checkpointing + chunked cross-entropy) for every method
+        # the speed comparison with TRL first, back to back (the machine is shared): lmforge LoRA
+        # as it runs by default (no recompute) against TRL with and without its recompute
+        runs["lora (savers off)"] = run_worker("lmforge:lora", a, data, None, False)
+        if have_trl:
+            runs["trl lora (no grad ckpt)"] = run_worker("trl:nockpt", a, data, hf_dir, False)
+            runs["trl lora (TRL defaults)"] = run_worker("trl:default", a, data, hf_dir, True)
+        # the method comparison: same batch, length, autocast and memory savers (activation
+        # checkpointing + chunked cross-entropy) for every method; weights fp32
         for method in ("full", "lora", "qlora"):
             runs[f"{method} (savers on)"] = run_worker(f"lmforge:{method}", a, data, None, True)
-        # the speed comparison with TRL: lmforge LoRA as it runs by default (no recompute)
-        runs["lora (savers off)"] = run_worker("lmforge:lora", a, data, None, False)
         runs["full (savers off)"] = run_worker("lmforge:full", a, data, None, False)
-        if have_trl:
-            runs["trl lora (TRL defaults)"] = run_worker("trl:default", a, data, hf_dir, True)
-            runs["trl lora (no grad ckpt)"] = run_worker("trl:nockpt", a, data, hf_dir, False)
+        # LoRA's frozen base stored in bf16 (what bf16 autocast computes with anyway)
+        runs["lora (savers on, bf16 base)"] = run_worker("lmforge:lora:bf16base", a, data, None, True)
         if not a.no_lean:
             # glibc keeps freed transients in its arenas; lean_malloc returns them (see its docstring)
             for method in ("full", "lora", "qlora"):
