@@ -278,6 +278,9 @@ def main(argv=None) -> int:
             get("lora (savers on, lean malloc)", "peak_mib") / get("full (savers on, lean malloc)", "peak_mib"), 3)
         ratios["qlora_over_full_peak_memory_savers_on_lean_malloc"] = round(
             get("qlora (savers on, lean malloc)", "peak_mib") / get("full (savers on, lean malloc)", "peak_mib"), 3)
+    if get("full (savers on)", "peak_mib") and get("lora (savers on, bf16 base)", "peak_mib"):
+        ratios["lora_bf16_base_over_full_peak_memory_savers_on"] = round(
+            get("lora (savers on, bf16 base)", "peak_mib") / get("full (savers on)", "peak_mib"), 3)
     if get("full (savers off)", "peak_mib") and get("lora (savers off)", "peak_mib"):
         ratios["lora_over_full_peak_memory_savers_off"] = round(get("lora (savers off)", "peak_mib") / get("full (savers off)", "peak_mib"), 3)
     for ref in ("trl lora (TRL defaults)", "trl lora (no grad ckpt)"):
