@@ -8,8 +8,12 @@ Cases (each in its own process, so peak memory is its own):
 - lmforge  {fp32, bf16, fp16, int8, int4} x {plain, fast, spec-ngram, spec-self}
   plain = the general batched engine (`LMFORGE_FAST=0`), fast = the static-cache decoder,
   spec-* = fast + speculative decoding with prompt-lookup or a layer-skipping self-draft.
+- lmforge/auto/default: what `lmforge chat/generate` run with no flags (`--quant auto
+  --draft auto`, through the engine), marked "*" in the table.
 - transformers fp32 and bf16 (`generate`, greedy, KV cache).
 - llama.cpp on the original Q4_1 GGUF and on lmforge's q8_0 export, when available.
+- NAME@chat: the same on a short prompt that nothing in the reply copies from ("Write a short
+  story about a robot." in the chat template), where prompt lookup rarely has a match.
 
 Prefill tokens/s: prompt tokens / time to the first new token. Decode tokens/s: the other new
 tokens / the time after the first. Greedy, no stop tokens: exactly --new-tokens each time.
@@ -37,6 +41,8 @@ RESULT = ROOT / "benchmarks" / "results" / "decode.json"
 TEXT = ROOT / "tests" / "data" / "heldout_prose.txt"
 DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
 MODES = ("plain", "fast", "spec-ngram", "spec-self")
+CHAT_PROMPT = "Write a short story about a robot."
+DEFAULT = {"engine": "lmforge", "weights": "auto", "mode": "default"}  # the CLI's defaults
 
 
 def all_cases(quick: bool) -> list[dict]:
@@ -46,7 +52,12 @@ def all_cases(quick: bool) -> list[dict]:
             if quick and (m == "spec-self" or (m == "plain" and d not in ("fp32", "int8"))):
                 continue
             cases.append({"engine": "lmforge", "weights": d, "mode": m})
+    cases.append(dict(DEFAULT))
     cases.append({"engine": "transformers", "weights": "fp32", "mode": "generate"})
+    # the non-repetitive chat prompt: the default against its parts and the reference
+    for c in ({"engine": "lmforge", "weights": "int8", "mode": "fast"}, {"engine": "lmforge", "weights": "int8", "mode": "spec-ngram"},
+              DEFAULT, {"engine": "transformers", "weights": "fp32", "mode": "generate"}):
+        cases.append({**c, "prompt": "chat"})
     if not quick:
         cases.append({"engine": "transformers", "weights": "bf16", "mode": "generate"})
     cases.append({"engine": "llama.cpp", "weights": "q4_1 (original gguf)", "mode": "generate"})
@@ -55,7 +66,11 @@ def all_cases(quick: bool) -> list[dict]:
 
 
 def case_name(c: dict) -> str:
-    return f"{c['engine']}/{c['weights'].split(' ')[0]}/{c['mode']}"
+    return f"{c['engine']}/{c['weights'].split(' ')[0]}/{c['mode']}" + ("@chat" if c.get("prompt") == "chat" else "")
+
+
+def is_default(c: dict) -> bool:
+    return all(c.get(k) == v for k, v in DEFAULT.items())
 
 
 # -- measurements shared by workers -------------------------------------------------------
@@ -110,14 +125,20 @@ def run_lmforge(case, ids, args) -> dict:
 
     w = case["weights"]
     t = time.perf_counter()
-    lm = lmforge.load(args.model_dir, dtype="fp32" if w in ("int8", "int4") else w, quant=w if w in ("int8", "int4") else "none")
+    if w == "auto":  # the CLI's default model settings (ModelArgs)
+        lm = lmforge.load(args.model_dir, dtype="fp32", quant="auto")
+        w = getattr(lm.model, "quant", "none")
+        w = "fp32" if w == "none" else w
+    else:
+        lm = lmforge.load(args.model_dir, dtype="fp32" if w in ("int8", "int4") else w, quant=w if w in ("int8", "int4") else "none")
     load_s = time.perf_counter() - t
-    params = SamplingParams(max_new_tokens=args.new_tokens, stop_ids=set())
     spec = case["mode"].startswith("spec-")
     draft = {"spec-ngram": "ngram", "spec-self": args.self_draft}.get(case["mode"])
+    # the default mode goes through the engine with the CLI's --draft default, as a user's run does
+    engine_draft = "auto" if case["mode"] == "default" else "none"
 
     def once(prompt, n):
-        p = SamplingParams(max_new_tokens=n, stop_ids=set())
+        p = SamplingParams(max_new_tokens=n, stop_ids=set(), draft=engine_draft)
         st = SpecStats()
         if spec:
             gen = generate_speculative(lm.model, prompt, p, draft=draft, k=args.draft_k, stats=st)
@@ -146,6 +167,7 @@ def run_lmforge(case, ids, args) -> dict:
         out["tokens_per_target_call"] = statistics.median(r["tokens_per_target_call"] for r in runs)
     out["first_ids"] = runs[0]["ids"][:16]
     out["load_s"] = load_s
+    out["resolved_weights"] = w
     out["weight_bytes_per_token"] = weight_bytes_per_token(lm.model.cfg, w)
     return out
 
@@ -240,7 +262,7 @@ def prepare(args, tmp: Path) -> tuple[list[int], dict]:
     full = lm.encode_chat([{"role": "user", "content": "Summarize the following text, quoting its key sentences.\n\n" + text}])
     tail = lm.tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
     ids = full[: args.prompt_tokens - len(tail)] + tail  # the text cut to fit, then the turn ends
-    extra = {"source_gguf": str(src), "cfg": lm.model.cfg}
+    extra = {"source_gguf": str(src), "cfg": lm.model.cfg, "chat_ids": lm.encode_chat([{"role": "user", "content": CHAT_PROMPT}])}
     if args.llama_cases:
         from lmforge.export.gguf import write_gguf
 
@@ -249,6 +271,8 @@ def prepare(args, tmp: Path) -> tuple[list[int], dict]:
 
 
 def run_case(case, ids, args, extra, llama_py) -> dict | None:
+    if case.get("prompt") == "chat":
+        ids = extra["chat_ids"]
     if case["engine"] == "llama.cpp":
         if llama_py is None:
             return None
@@ -312,8 +336,9 @@ def main() -> None:
             r = run_case(c, ids, args, extra, llama_py)
             if r is None:
                 continue
-            row = {"case": case_name(c), **c, **r, "wall_s": round(time.perf_counter() - t, 1), "load_avg_1min": round(os.getloadavg()[0], 2)}
-            wb = weight_bytes_per_token(cfg, c["weights"]) if c["engine"] == "lmforge" else None
+            row = {"case": case_name(c), **c, **r, "default": is_default(c), "wall_s": round(time.perf_counter() - t, 1),
+                   "load_avg_1min": round(os.getloadavg()[0], 2)}
+            wb = weight_bytes_per_token(cfg, r.get("resolved_weights", c["weights"])) if c["engine"] == "lmforge" and "error" not in r else None
             if c["engine"] == "transformers":
                 wb = weight_bytes_per_token(cfg, c["weights"])
             if wb:
@@ -321,19 +346,24 @@ def main() -> None:
             rows.append(row)
             if "error" not in r:
                 print(f"  {row['case']:32s} prefill {r['prefill_tok_s']:8.1f} tok/s  decode {r['decode_tok_s']:7.1f} tok/s  (load {row['load_avg_1min']})", flush=True)
-    ref = next((r for r in rows if r["case"] == "transformers/fp32/generate" and "error" not in r), None)
+    refs = {p: next((r for r in rows if r["engine"] == "transformers" and r["weights"] == "fp32" and r.get("prompt") == p
+                     and "error" not in r), None) for p in (None, "chat")}
     for r in rows:
-        if ref and "error" not in r:
+        ref = refs.get(r.get("prompt"))
+        if ref and "error" not in r:  # each prompt against transformers on the same prompt
             r["decode_vs_transformers"] = r["decode_tok_s"] / ref["decode_tok_s"]
             r["prefill_vs_transformers"] = r["prefill_tok_s"] / ref["prefill_tok_s"]
-    ok = [r for r in rows if "error" not in r and r["engine"] == "lmforge"]
+    ok = [r for r in rows if "error" not in r and r["engine"] == "lmforge" and r.get("prompt") is None]
     best = max(ok, key=lambda r: r["decode_tok_s"]) if ok else None
+    default = {p: next((r for r in rows if r["default"] and r.get("prompt") == p and "error" not in r), None) for p in (None, "chat")}
     result = {
         "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:]),
         "commit": git_commit(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, python {platform.python_version()}",
         "threads": args.threads,
         "prompt_tokens": len(ids),
+        "chat_prompt": CHAT_PROMPT,
+        "chat_prompt_tokens": len(extra["chat_ids"]),
         "new_tokens": args.new_tokens,
         "repeat": args.repeat,
         "load_average_before": [round(x, 2) for x in load_before],
@@ -341,6 +371,9 @@ def main() -> None:
         "read_bandwidth_gb_s": bw / 1e9,
         "fastest_lmforge": best and best["case"],
         "fastest_decode_vs_transformers_fp32": best and best.get("decode_vs_transformers"),
+        "default_mode": "lmforge chat/generate with no flags: --dtype fp32 --quant auto --draft auto",
+        "default_decode_vs_transformers_fp32": default[None] and default[None].get("decode_vs_transformers"),
+        "default_decode_vs_transformers_fp32_chat_prompt": default["chat"] and default["chat"].get("decode_vs_transformers"),
         "rows": rows,
     }
     print_table(result)
@@ -350,8 +383,9 @@ def main() -> None:
 
 
 def print_table(res: dict) -> None:
-    print(f"\nthreads={res['threads']} prompt={res['prompt_tokens']} new={res['new_tokens']} "
+    print(f"\nthreads={res['threads']} prompt={res['prompt_tokens']} (@chat: {res.get('chat_prompt_tokens')}) new={res['new_tokens']} "
           f"read bandwidth {res['read_bandwidth_gb_s']:.1f} GB/s, load {res['load_average_before']} -> {res['load_average_after']}")
+    print("* = the default (lmforge chat/generate with no flags); vs HF fp32 compares the same prompt")
     hdr = f"| {'case':34s} | prefill tok/s | decode tok/s | vs HF fp32 | bound tok/s | accept | RSS MB (peak) |"
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
@@ -362,7 +396,8 @@ def print_table(res: dict) -> None:
         acc = f"{r['acceptance']:.2f}" if r.get("acceptance") is not None else "-"
         bound = f"{r['bandwidth_bound_tok_s']:.0f}" if r.get("bandwidth_bound_tok_s") else "-"
         vs = f"{r['decode_vs_transformers']:.2f}x" if r.get("decode_vs_transformers") else "-"
-        print(f"| {r['case']:34s} | {r['prefill_tok_s']:13.1f} | {r['decode_tok_s']:12.1f} | {vs:>10s} | {bound:>11s} | {acc:>6s} | {r.get('rss_mb', 0):6.0f} ({r['peak_rss_mb']:5.0f}) |")
+        name = r["case"] + (" *" if r.get("default") else "")
+        print(f"| {name:34s} | {r['prefill_tok_s']:13.1f} | {r['decode_tok_s']:12.1f} | {vs:>10s} | {bound:>11s} | {acc:>6s} | {r.get('rss_mb', 0):6.0f} ({r['peak_rss_mb']:5.0f}) |")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,16 @@ from lmforge.errors import LmforgeError
 
 
 def sampling_params(**kw) -> SamplingParams:
+    """SamplingParams from keyword options, checked (`draft="auto"` etc., see SamplingParams)."""
+    from lmforge.fast.speculative import check_draft
+
     known = {f.name for f in fields(SamplingParams)}
     bad = [k for k in kw if k not in known]
     if bad:
         raise LmforgeError(f"unknown generation option '{bad[0]}' (known: {', '.join(sorted(known))})")
-    return SamplingParams(**kw)
+    p = SamplingParams(**kw)
+    check_draft(p.draft, p)
+    return p
 
 
 class LM:
@@ -36,7 +41,11 @@ class LM:
         return render_prompt(self.tokenizer, messages, tools=tools)
 
     def generate(self, prompt: str | list[str], stream: bool = False, **kw):
-        """Complete raw text (no chat template). A list of prompts is decoded as one batch."""
+        """Complete raw text (no chat template). A list of prompts is decoded as one batch.
+
+        Options are SamplingParams fields: max_new_tokens, temperature, top_k, top_p,
+        repetition_penalty, seed, stop, and draft (speculative decoding of one greedy sequence:
+        "none" (default), "auto", "ngram", "self", "self:LAYERS", a draft model's path or an LM)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [self.tokenizer.encode(p) for p in prompts]
         params = sampling_params(**kw)
@@ -102,6 +111,8 @@ class LM:
 
 
 def load(model=None, dtype: str = "fp32", device: str = "cpu", quant: str = "none") -> LM:
+    """Load a model. `quant`: none (exact weights; the default), int8, int4, or auto (int8 on CPU,
+    none on a GPU: what `lmforge chat/generate/serve` use)."""
     from lmforge.loading import load_model
 
     m, tok = load_model(model, dtype=dtype, device=device, quant=quant)

@@ -28,6 +28,9 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_ids: set[int] | None = None  # default: the tokenizer's EOS / end-of-turn ids
+    # speculative drafting for a single greedy sequence on the fast decoder (lmforge.fast.speculative):
+    # none | auto | ngram | self | self:LAYERS | a draft model's path (or a loaded model); batches ignore it
+    draft: object = "none"
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

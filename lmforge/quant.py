@@ -1,4 +1,5 @@
-"""Runtime weight quantization for CPU inference: `quantize_model(model, "int8" | "int4")`.
+"""Runtime weight quantization for CPU inference: `quantize_model(model, "int8" | "int4")`;
+`resolve_quant("auto", device, dtype)` is the one place that picks a scheme per device.
 
 Every `nn.Linear` of the transformer (attention, MLP, output head) becomes a `QuantLinear`
 under the same module name, so `model.forward`, the engine and the fast decoder run unchanged.
@@ -47,6 +48,7 @@ import torch.nn as nn
 from lmforge.errors import LmforgeError
 
 SCHEMES = ("int8", "int4")
+CHOICES = ("auto", "none") + SCHEMES  # what --quant accepts
 INT4_GROUP = 32
 SMOOTH_ALPHA = 0.5
 CALIBRATION_TEXT = Path(__file__).with_name("quant_calibration.txt")
@@ -213,6 +215,23 @@ def fuse_quant_linears(parts: list[QuantLinear], row_orders: list | None = None)
     return QuantLinear(torch.cat(qs), torch.cat(scales), bias, parts[0].scheme, s0, parts[0].out_dtype)
 
 
+# -- choosing a scheme ----------------------------------------------------------------------
+def resolve_quant(quant: str | None, device="cpu", dtype="fp32") -> str:
+    """The scheme `quant` means on this device: "auto" is int8 on a CPU with fbgemm's kernels
+    and fp32 weights (the fastest decoding measured there, benchmarks/results/decode.json), and
+    "none" elsewhere: the int8 kernels are CPU-only, and when half-precision weights were asked
+    for (--dtype bf16/fp16) those weights are what runs. Other values are checked and returned."""
+    if quant in (None, ""):
+        return "none"
+    if quant not in CHOICES:
+        raise LmforgeError(f"unknown --quant '{quant}' (choose auto, none, int8 or int4)")
+    if quant != "auto":
+        return quant
+    on_cpu = torch.device(device).type == "cpu"
+    full = dtype in ("fp32", "float32", torch.float32)
+    return "int8" if on_cpu and full and _fbgemm_available() else "none"
+
+
 # -- calibration and the model-level entry point -------------------------------------------
 def calibration_ids(tokenizer, vocab_size: int) -> list[list[int]]:
     """Token ids to measure activation ranges on: the built-in text, or seeded random ids."""
@@ -257,14 +276,18 @@ def _smoothing(weights: list[torch.Tensor], act_max: torch.Tensor | None, alpha:
 
 def quantize_model(model: nn.Module, quant: str, tokenizer=None, smooth: bool = True) -> nn.Module:
     """Replace every nn.Linear of `model` (in place) with a QuantLinear; returns the model.
+    `quant`: int8, int4, none, or auto (see `resolve_quant`).
 
     `tokenizer` lets calibration use the built-in text (better accuracy); without it, seeded
     random tokens are used. Module names stay the same.
     """
+    if quant == "auto":
+        p = next(model.parameters())
+        quant = resolve_quant(quant, p.device, p.dtype)
     if quant in (None, "none"):
         return model
     if quant not in SCHEMES:
-        raise LmforgeError(f"unknown --quant '{quant}' (choose none, int8 or int4)")
+        raise LmforgeError(f"unknown --quant '{quant}' (choose auto, none, int8 or int4)")
     if not _fbgemm_available():
         raise LmforgeError(f"--quant {quant} needs PyTorch's fbgemm quantized ops, which this torch build lacks")
     if next(model.parameters()).device.type != "cpu":

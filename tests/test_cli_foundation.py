@@ -56,7 +56,8 @@ def test_chat_history_is_trimmed_with_a_message(default_lm):
 
 
 def test_generate_json_and_jsonl(default_lm, default_model_path, tmp_path, capsys):
-    r = lmforge_inproc(capsys, "generate", "--model", str(default_model_path), "--prompt", "What is the capital of France?", "--json")
+    r = lmforge_inproc(capsys, "generate", "--model", str(default_model_path), "--prompt", "What is the capital of France?", "--json",
+                       "--dtype", "fp32", "--quant", "none")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert "Paris" in out["text"] and out["finish_reason"] == "stop"
@@ -64,7 +65,7 @@ def test_generate_json_and_jsonl(default_lm, default_model_path, tmp_path, capsy
     data.write_text(json.dumps({"prompt": "What is the capital of France?"}) + "\n"
                     + json.dumps({"messages": [{"role": "user", "content": "What is the capital of Italy?"}]}) + "\n")
     r = lmforge_inproc(capsys, "generate", "--model", str(default_model_path), "--data", str(data), "--out", str(tmp_path / "out.jsonl"),
-                "--max-new-tokens", "16")
+                "--max-new-tokens", "16", "--dtype", "fp32", "--quant", "none")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert "Paris" in rows[0]["completion"]
@@ -117,7 +118,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, default_model_path, capsys):
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     _one_line_error(lmforge("info", "--model", str(hf)), "unsupported architecture 'gpt2'")
-    _one_line_error(lmforge("generate", "--model", str(default_model_path), "--raw", "--prompt", "word " * 9000), "longer than the model's context")
+    _one_line_error(lmforge("generate", "--model", str(default_model_path), "--quant", "none", "--raw", "--prompt", "word " * 9000), "longer than the model's context")
     _one_line_error(lmforge("generate", "--tempreature", "1"), "unknown option '--tempreature'")
     _one_line_error(lmforge("frobnicate"), "unknown command")
 

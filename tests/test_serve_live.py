@@ -91,7 +91,7 @@ def test_chat_equals_lmforge_generate(client, capsys):
     from lmforge.cli.main import run_command
 
     assert run_command(["generate", "--prompt", QUESTION, "--temperature", "0", "--max-new-tokens", str(MAX_TOKENS),
-                        "--dtype", "fp32", "--quant", "none", "--json"]) == 0
+                        "--dtype", "fp32", "--quant", "none", "--draft", "none", "--json"]) == 0
     generated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"]
     assert ask(client, QUESTION).choices[0].message.content == generated
 

@@ -10,7 +10,9 @@ from lmforge.engine import SamplingParams
 class ModelArgs:
     model: str | None = None  # GGUF file, HF folder, run folder, or model id; default model when unset
     dtype: str = "fp32"  # fp32 | bf16 | fp16
-    quant: str = "none"  # none | int8 | int4 (runtime weight quantization)
+    # runtime weight quantization: auto | none | int8 | int4. auto = int8 on CPU with fp32 weights
+    # (the fastest decoding there, <1 % perplexity), none on a GPU or with --dtype bf16/fp16
+    quant: str = "auto"
     device: str = "cpu"
     threads: int = 0  # torch threads; 0 = torch's default
 
@@ -24,17 +26,26 @@ class SamplingArgs:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # speculative decoding of one greedy reply (same text, faster): none | auto | ngram | self |
+    # self:LAYERS | PATH of a smaller draft model. auto = prompt lookup (ngram) when greedy, else none
+    draft: str = "auto"
 
 
 def sampling_from(args) -> SamplingParams:
-    return SamplingParams(
+    """SamplingParams from SamplingArgs fields; a draft that cannot work is a one-line error here."""
+    from lmforge.fast.speculative import check_draft
+
+    p = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=list(args.stop),
+        draft=getattr(args, "draft", "none"),
     )
+    check_draft(p.draft, p)
+    return p
 
 
 def load_lm(args):
-    """An `lmforge.api.LM` from ModelArgs fields."""
+    """An `lmforge.api.LM` from ModelArgs fields (--quant auto resolved for the device)."""
     import torch
 
     from lmforge.api import load
@@ -42,3 +53,19 @@ def load_lm(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     return load(args.model, dtype=args.dtype, device=args.device, quant=args.quant)
+
+
+def runtime_summary(lm, args=None) -> str:
+    """How the model runs, for banners: e.g. "int8 weights (--quant auto), fp32, cpu, draft auto"."""
+    emb = lm.model.model.embed_tokens.weight
+    quant = getattr(lm.model, "quant", "none")
+    words = [f"{quant} weights" if quant != "none" else "unquantized weights"]
+    if args is not None and getattr(args, "quant", None) == "auto":
+        words[0] += " (--quant auto)"
+    words += [{torch_name: short for short, torch_name in _DTYPE_NAMES}.get(str(emb.dtype), str(emb.dtype)), str(emb.device)]
+    if args is not None and hasattr(args, "draft"):
+        words.append(f"draft {args.draft}")
+    return ", ".join(words)
+
+
+_DTYPE_NAMES = (("fp32", "torch.float32"), ("bf16", "torch.bfloat16"), ("fp16", "torch.float16"))

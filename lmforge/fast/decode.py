@@ -148,6 +148,7 @@ class FastDecoder:
             self.head = _single(model.lm_head, self.dtype)
             self.final_norm = self.head.fold_into(model.model.norm.weight.detach())
             self.inv_freq = model.inv_freq.detach().float().to(self.device)
+        self.quant = getattr(model, "quant", "none")  # a draft model loaded from a path matches it
         self.eps = cfg.norm_eps
         self.ff = cfg.d_ff
         self.kv = None  # [L, 2, KV, capacity, D]
@@ -235,9 +236,19 @@ class FastDecoder:
         stop_ids: set[int] | None = None,
         should_stop: Callable[[int, list[int]], bool] | None = None,
     ) -> Iterator[tuple[int, int]]:
-        """The engine's `generate_tokens` for one prompt: yields (0, token_id)."""
+        """The engine's `generate_tokens` for one prompt: yields (0, token_id). `params.draft`
+        (other than none) hands greedy decoding to speculative decoding (the same tokens up to
+        rounding; see lmforge.fast.speculative)."""
         from lmforge.engine import _check_prompts, apply_repetition_penalty, sample_next
 
+        draft = getattr(params, "draft", "none")
+        if draft is not None and draft != "none":
+            from lmforge.fast.speculative import generate_speculative, resolve_draft
+
+            spec = resolve_draft(draft, params, self)
+            if spec is not None:
+                yield from generate_speculative(self, prompt, params, draft=spec, stop_ids=stop_ids, should_stop=should_stop)
+                return
         capacity = _check_prompts(_CfgHolder(self.cfg), [prompt], params.max_new_tokens)
         stop_ids = set(params.stop_ids if params.stop_ids is not None else (stop_ids or set()))
         gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None

@@ -102,10 +102,15 @@ def build_model(cfg: Config, state: dict, device="cpu") -> Transformer:
 
 
 def load_model(model=None, dtype="fp32", device="cpu", quant: str = "none") -> tuple[Transformer, Tokenizer | None]:
-    """Load a model for inference. `quant` (int8/int4) is applied after loading when set.
+    """Load a model for inference. `quant` (int8/int4) is applied after loading when set;
+    "auto" picks per device (`lmforge.quant.resolve_quant`: int8 on CPU, none on a GPU).
 
     A folder holding a LoRA adapter (PEFT layout) loads the base it names, with the adapter merged.
     """
+    if quant == "auto":
+        from lmforge.quant import resolve_quant
+
+        quant = resolve_quant(quant, device, dtype)
     adapter = adapter_folder(model)
     if adapter is not None:
         from lmforge.finetune.lora import load_adapter_model

@@ -2,6 +2,10 @@
 
 Routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (streaming SSE or
 not), `GET /health`, and the chat page at `/` (assets under `/static`, all local).
+"System 2" (`"system2": {"mode": "vote" | "best_of_n", "n": N}` in a request): the scheduler
+samples N choices (choice i seeded with seed + i), `lmforge.align.system2.choose` keeps one, and
+the answer is that one choice, with `choice["system2"]` saying how it was chosen. Streaming
+sends the role chunk at once and the chosen reply as one chunk when all N samples are done.
 Handlers only validate, render the prompt (in a worker thread) and await the scheduler's
 events; the model runs in the scheduler's thread (lmforge.serve.scheduler).
 Every error answers in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
@@ -54,6 +58,7 @@ class ServeConfig:
     max_tokens_default: int = 1024  # reply budget when a request names none
     prefill_chunk: int = 512  # prompt tokens per prefill forward (bounds others' stall)
     model_id: str | None = None  # name in /v1/models (default: the model's id or file name)
+    reward_model: str | None = None  # reward model folder (`lmforge rm`) for requests with system2 mode best_of_n
 
 
 def model_name(model) -> str:
@@ -123,6 +128,11 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
     if tokenizer is None:
         raise LmforgeError("serving needs a tokenizer: use a model folder or GGUF that has one")
+    reward_model = None
+    if cfg.reward_model:  # load it now: a wrong path fails at start, not at the first request
+        from lmforge.align.system2 import get_reward_model
+
+        reward_model = get_reward_model(cfg.reward_model)
     sched = Scheduler(model, tokenizer, slots=cfg.slots, ctx=cfg.ctx, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk)
     model_id = cfg.model_id or model_name(model)
     aliases = {model_id, "default", model_id.split("/")[-1]}
@@ -140,6 +150,7 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(title="lmforge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler = sched
     app.state.model_id = model_id
+    app.state.reward_model = reward_model
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
 
     # -- errors ---------------------------------------------------------------------------
@@ -208,10 +219,18 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        prep = await run_in_threadpool(_prepare_chat, body, tokenizer, sched, cfg)
+        prep = await run_in_threadpool(_prepare_chat, body, tokenizer, sched, cfg, reward_model)
         handle = _submit(sched, prep.req)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": _now(), "model": model_id,
                 "system_fingerprint": f"lmforge-{__version__}"}
+        if prep.system2 is not None:
+            pick = _picker(prep.system2, reward_model, tokenizer, prep.messages)
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(_stream_system2_chat(handle, prep, meta, pick, include_usage), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                         background=BackgroundTask(handle.cancel))
+            return await _collect_system2_chat(handle, prep, meta, pick, request)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             # the background task frees the slots even if the client left before the stream began
@@ -223,7 +242,7 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        reqs, prompts_text = await run_in_threadpool(_prepare_completion, body, tokenizer, sched, cfg)
+        reqs, prompts_text, s2 = await run_in_threadpool(_prepare_completion, body, tokenizer, sched, cfg, reward_model)
         handles = []
         try:
             for r in reqs:
@@ -235,6 +254,14 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": _now(), "model": model_id,
                 "system_fingerprint": f"lmforge-{__version__}"}
         echo = prompts_text if body.echo else None
+        if s2 is not None:
+            picks = [_picker(s2, reward_model, tokenizer, None, r.prompt) for r in reqs]
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(_stream_system2_completion(handles, meta, picks, echo, include_usage),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                         background=BackgroundTask(_cancel_all, handles))
+            return await _collect_system2_completion(handles, meta, picks, echo, request)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_stream_completion(handles, meta, sched, echo, include_usage), media_type="text/event-stream",
@@ -258,6 +285,8 @@ class ChatPrep:
     tools: bool = False  # parse tool calls out of the reply
     forced: str = ""  # assistant text already put into the prompt (tool_choice forcing)
     logprobs: bool = False
+    system2: tuple[str, int] | None = None  # (mode, samples) when the request asks for system 2
+    messages: list[dict] | None = None  # the conversation as rendered (a reward model scores it)
 
 
 def _sampling(body, max_tokens: int) -> SamplingParams:
@@ -321,7 +350,30 @@ def _with_system(messages: list[dict], text: str) -> list[dict]:
     return [{"role": "system", "content": text}] + messages
 
 
-def _prepare_chat(body: ChatCompletionRequest, tokenizer, sched: Scheduler, cfg: ServeConfig) -> ChatPrep:
+def _system2(body, sched: Scheduler, reward_model, params: SamplingParams) -> tuple[str, int] | None:
+    """(mode, samples) for a request with `system2`, or None; 400 for what cannot go with it."""
+    s2 = body.system2
+    if s2 is None:
+        return None
+    from lmforge.align.system2 import normalize_mode
+
+    mode = normalize_mode(s2.mode)
+    if mode == "best_of_n" and reward_model is None:
+        raise APIError(400, "system2 mode best_of_n needs a reward model: start the server with --reward-model PATH",
+                       param="system2.mode")
+    if body.n != 1:
+        raise APIError(400, "system2 answers with one choice: n must be 1 (system2.n sets the samples)", param="n")
+    if s2.n > sched.slots:
+        raise APIError(400, f"system2.n={s2.n} exceeds this server's {sched.slots} slots", param="system2.n")
+    if body.logprobs is not None and body.logprobs is not False:  # (completions' logprobs=0 asks for them too)
+        raise APIError(400, "logprobs are not available with system2", param="logprobs")
+    if params.temperature <= 0:
+        raise APIError(400, "system2 needs sampling: temperature (and top_p) must be above 0, or the samples are all the same",
+                       param="temperature")
+    return mode, s2.n
+
+
+def _prepare_chat(body: ChatCompletionRequest, tokenizer, sched: Scheduler, cfg: ServeConfig, reward_model=None) -> ChatPrep:
     from lmforge.chat import render_prompt
 
     messages = [_message_dict(m) for m in body.messages]
@@ -372,17 +424,21 @@ def _prepare_chat(body: ChatCompletionRequest, tokenizer, sched: Scheduler, cfg:
         # end the reply at the first call's closing tag: a small model would otherwise go on to
         # invent the tool's result itself (parallel_tool_calls=true lets it write several calls)
         params.stop = params.stop + [s for s in getattr(_protocol(), "STOP_STRINGS", []) if s not in params.stop]
+    s2 = _system2(body, sched, reward_model, params)
+    if s2 is not None and tools is not None:
+        raise APIError(400, "system2 cannot be combined with tools", param="tools")
     req = GenRequest(
-        prompt=ids, params=params, n=body.n,
+        prompt=ids, params=params, n=body.n if s2 is None else s2[1],
         logprobs=(body.top_logprobs or 0) if body.logprobs else None, json_mode=json_mode or bool(forced), ignore_eos=body.ignore_eos,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         logit_bias=_logit_bias(body, sched.vocab), json_prefix=forced[len(_call_open()):] if forced else "",
         json_keys=json_keys,
     )
-    return ChatPrep(req, tools=tools is not None, forced=forced, logprobs=body.logprobs)
+    return ChatPrep(req, tools=tools is not None, forced=forced, logprobs=body.logprobs, system2=s2,
+                    messages=messages if s2 is not None else None)
 
 
-def _prepare_completion(body: CompletionRequest, tokenizer, sched: Scheduler, cfg: ServeConfig):
+def _prepare_completion(body: CompletionRequest, tokenizer, sched: Scheduler, cfg: ServeConfig, reward_model=None):
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
     if body.echo and body.logprobs is not None:
@@ -412,17 +468,19 @@ def _prepare_completion(body: CompletionRequest, tokenizer, sched: Scheduler, cf
         if not ids:
             raise APIError(400, "prompt is empty", param="prompt")
         ids_list.append(ids)
-    if len(ids_list) * body.n > sched.slots + sched.max_queue:
-        raise APIError(400, f"{len(ids_list)} prompts x n={body.n} is more than this server takes at once", param="prompt")
+    s2 = _system2(body, sched, reward_model, _sampling(body, 1))  # (its temperature after the greedy rule)
+    n = body.n if s2 is None else s2[1]
+    if len(ids_list) * n > sched.slots + sched.max_queue:
+        raise APIError(400, f"{len(ids_list)} prompts x n={n} is more than this server takes at once", param="prompt")
     reqs = []
     for ids in ids_list:
         budget = _budget(len(ids), body.max_tokens, sched, cfg, "prompt")
         reqs.append(GenRequest(
-            prompt=ids, params=_sampling(body, budget), n=body.n, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
+            prompt=ids, params=_sampling(body, budget), n=n, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             logit_bias=_logit_bias(body, sched.vocab),
         ))
-    return reqs, texts
+    return reqs, texts, s2
 
 
 def _cancel_all(handles) -> None:
@@ -720,6 +778,135 @@ async def _stream_completion(handles, meta: dict, sched: Scheduler, echo, includ
                 yield _sse({**base, "choices": [{"index": idx, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish}]})
             if ev.finish is not None:
                 completion += ev.completion_tokens
+        if include_usage:
+            prompt = sum(len(h.req.prompt) for h in handles)
+            yield _sse({**base, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                                          "total_tokens": prompt + completion}})
+        yield "data: [DONE]\n\n"
+    finally:
+        for h in handles:
+            h.cancel()
+
+
+# -- system 2: N samples, one answer ----------------------------------------------------------
+
+def _picker(s2: tuple[str, int], reward_model, tokenizer, messages: list[dict] | None, prompt_ids: list[int] | None = None):
+    """An async function: the N sample texts -> `lmforge.align.system2.choose`'s dict."""
+    from lmforge.align.system2 import choose
+
+    mode = s2[0]
+
+    async def pick(texts: list[str]) -> dict:
+        if mode == "vote":
+            return choose(mode, texts)
+        # the reward model runs in a worker thread, beside the scheduler's
+        try:
+            return await run_in_threadpool(choose, mode, texts, reward_model=reward_model, messages=messages,
+                                           tokenizer=tokenizer, prompt_ids=prompt_ids)
+        except LmforgeError as e:
+            raise APIError(500, f"scoring the samples failed: {e}", type="server_error") from None
+
+    pick.mode = mode
+    return pick
+
+
+async def _gather(handle) -> tuple[list[str], list[str | None], int]:
+    """(text, finish reason) of every choice of a request once all are done, and the tokens used."""
+    n = handle.req.n
+    texts: list[list[str]] = [[] for _ in range(n)]
+    finish: list[str | None] = [None] * n
+    completion = 0
+    async for ev in handle.events():
+        _raise_event_error(ev)
+        texts[ev.index].append(ev.text)
+        if ev.finish is not None:
+            finish[ev.index] = ev.finish
+            completion += ev.completion_tokens
+    return ["".join(t) for t in texts], finish, completion
+
+
+def _system2_info(out: dict, mode: str) -> dict:
+    """How the answer was chosen: mode, n, the winner's index, every sample, scores or answers and votes."""
+    from lmforge.align.system2 import details
+
+    return {"mode": mode, "n": len(out["candidates"]), **details(out)}
+
+
+async def _choose(handle, pick) -> tuple[dict, str | None, int]:
+    texts, finish, completion = await _gather(handle)
+    out = await pick(texts)
+    return out, finish[out["index"]], completion
+
+
+async def _collect_system2_chat(handle, prep: ChatPrep, meta: dict, pick, request: Request) -> dict:
+    async with _watch_disconnect(request, [handle]):
+        out, reason, completion = await _choose(handle, pick)
+    choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]}, "logprobs": None,
+              "finish_reason": reason, "system2": _system2_info(out, pick.mode)}
+    prompt = len(prep.req.prompt)
+    return {**meta, "object": "chat.completion", "choices": [choice],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+
+
+async def _stream_system2_chat(handle, prep: ChatPrep, meta: dict, pick, include_usage: bool):
+    base = {**meta, "object": "chat.completion.chunk"}
+
+    def chunk(delta, finish=None, **extra):
+        return _sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}]})
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            out, reason, completion = await _choose(handle, pick)
+        except APIError as e:
+            yield _sse(e.body())
+            return
+        if out["text"]:
+            yield chunk({"content": out["text"]})
+        yield chunk({}, finish=reason, system2=_system2_info(out, pick.mode))
+        if include_usage:
+            prompt = len(prep.req.prompt)
+            yield _sse({**base, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                                          "total_tokens": prompt + completion}})
+        yield "data: [DONE]\n\n"
+    finally:
+        handle.cancel()
+
+
+async def _collect_system2_completion(handles, meta: dict, picks, echo, request: Request) -> dict:
+    async with _watch_disconnect(request, handles):
+        results = await asyncio.gather(*(_choose(h, p) for h, p in zip(handles, picks)))
+    choices = []
+    for k, (out, reason, _) in enumerate(results):
+        choices.append({"index": k, "text": (echo[k] if echo else "") + out["text"], "logprobs": None,
+                        "finish_reason": reason, "system2": _system2_info(out, picks[k].mode)})
+    prompt = sum(len(h.req.prompt) for h in handles)
+    completion = sum(c for _, _, c in results)
+    return {**meta, "object": "text_completion", "choices": choices,
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+
+
+async def _stream_system2_completion(handles, meta: dict, picks, echo, include_usage: bool):
+    base = {**meta, "object": "text_completion"}
+    completion = 0
+    try:
+        async def one(k):
+            return k, await _choose(handles[k], picks[k])
+
+        tasks = [asyncio.ensure_future(one(k)) for k in range(len(handles))]
+        try:
+            for fut in asyncio.as_completed(tasks):  # each prompt's answer as soon as it is chosen
+                try:
+                    k, (out, reason, used) = await fut
+                except APIError as e:
+                    yield _sse(e.body())
+                    return
+                completion += used
+                yield _sse({**base, "choices": [{"index": k, "text": (echo[k] if echo else "") + out["text"], "logprobs": None,
+                                                 "finish_reason": reason, "system2": _system2_info(out, picks[k].mode)}]})
+        finally:
+            for t in tasks:
+                t.cancel()
         if include_usage:
             prompt = sum(len(h.req.prompt) for h in handles)
             yield _sse({**base, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,

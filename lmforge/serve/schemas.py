@@ -3,7 +3,8 @@
 Fields OpenAI defines and lmforge cannot honour are refused with a 400 naming them rather than
 silently ignored when ignoring them would change the answer (`response_format: json_schema`);
 fields that only tune bookkeeping (`user`, `metadata`, `store`...) are accepted and ignored.
-Extensions beyond OpenAI (as vLLM names them): `top_k`, `repetition_penalty`, `ignore_eos`.
+Extensions beyond OpenAI (as vLLM names them): `top_k`, `repetition_penalty`, `ignore_eos`; and
+lmforge's own `system2: {"mode": "vote" | "best_of_n", "n": N}` (sample N, answer with one).
 """
 from __future__ import annotations
 
@@ -91,6 +92,15 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class System2(_Body):
+    """Sample `n` replies and answer with one: the majority answer (vote) or the reply a reward
+    model scores highest (best_of_n, needs the server's --reward-model). Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["vote", "best_of_n", "best-of-n"]
+    n: int = Field(default=8, ge=1, le=MAX_N)
+
+
 class _Sampling(_Body):
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -107,6 +117,7 @@ class _Sampling(_Body):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     user: str | None = Field(default=None, max_length=256)
+    system2: System2 | None = None
 
     @field_validator("stop")
     @classmethod

@@ -4,13 +4,15 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from lmforge.cli.common import ModelArgs, SamplingArgs, load_lm, sampling_from
+from lmforge.align.system2 import System2Args
+from lmforge.cli.common import ModelArgs, SamplingArgs, load_lm, runtime_summary, sampling_from
+from lmforge.errors import LmforgeError
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /quit"
 
 
 @dataclass
-class Config(ModelArgs, SamplingArgs):
+class Config(ModelArgs, SamplingArgs, System2Args):
     system: str | None = None
     tools: list[str] = field(default_factory=list)  # calculator,python,search
     search_index: str | None = None  # index for the search tool (lmforge index build)
@@ -33,10 +35,16 @@ def fit_history(lm, messages: list[dict], reserve: int, tools=None) -> tuple[lis
 
 
 def run(cfg: Config) -> None:
+    from lmforge.align.system2 import check_args, describe, system2_generate
     from lmforge.engine import stream_text
 
-    lm = load_lm(cfg)
     params = sampling_from(cfg)
+    mode, note = check_args(cfg, params)
+    if mode is not None and cfg.tools:
+        raise LmforgeError("--system2 cannot be combined with --tools")
+    if note:
+        print(note, file=sys.stderr)
+    lm = load_lm(cfg)
     tools = None
     if cfg.tools:
         from lmforge.tools import get_tools
@@ -44,7 +52,7 @@ def run(cfg: Config) -> None:
         tools = get_tools(cfg.tools, **({"index": cfg.search_index} if cfg.search_index else {}))
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"lmforge chat — {getattr(lm.model, 'source_path', 'model')}\n{HELP}", file=sys.stderr)
+        print(f"lmforge chat — {getattr(lm.model, 'source_path', 'model')} ({runtime_summary(lm, cfg)})\n{HELP}", file=sys.stderr)
     system = cfg.system
     history: list[dict] = []
     while True:
@@ -83,6 +91,14 @@ def run(cfg: Config) -> None:
                 messages, tools, max_steps=cfg.max_tool_steps, on_message=show,
                 on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()), **vars(params))
             history.extend(new_messages)
+            continue
+        if mode is not None:  # N samples, one kept: printed whole when chosen
+            out = system2_generate(lm.model, lm.tokenizer, lm.encode_chat(messages), params, mode=mode, n=cfg.system2_n,
+                                   reward_model=cfg.reward_model, messages=messages)
+            if cfg.verbose:
+                print("\n".join(describe(out)), file=sys.stderr)
+            print(out["text"], flush=True)
+            history.append({"role": "assistant", "content": out["text"]})
             continue
         reply = []
         for _, piece in stream_text(lm.model, lm.tokenizer, [lm.encode_chat(messages)], params):

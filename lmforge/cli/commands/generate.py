@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.align.system2 import System2Args
 from lmforge.cli.common import ModelArgs, SamplingArgs, load_lm, sampling_from
 from lmforge.errors import LmforgeError
 
 
 @dataclass
-class Config(ModelArgs, SamplingArgs):
+class Config(ModelArgs, SamplingArgs, System2Args):
     prompt: str | None = None
     system: str | None = None
     raw: bool = False  # plain completion even when the model has a chat template
@@ -22,40 +23,42 @@ class Config(ModelArgs, SamplingArgs):
     stream: bool = True
 
 
-def _prompt_ids(lm, prompt: str | None, messages: list | None, system: str | None, raw: bool) -> list[int]:
+def _prompt(lm, prompt: str | None, messages: list | None, system: str | None, raw: bool) -> tuple[list[int], list | None]:
+    """(prompt ids, the conversation they render, or None for a raw completion)."""
     if messages is None and (raw or not lm.tokenizer.chat_template):
-        return lm.tokenizer.encode(prompt, add_bos=None)
+        return lm.tokenizer.encode(prompt, add_bos=None), None
     if messages is None:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return lm.encode_chat(messages)
+    return lm.encode_chat(messages), list(messages)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
-                raise LmforgeError(f"{path}:{n}: each line needs a 'prompt' or 'messages' field")
-            rows.append(row)
-    return rows
+def system2_reply(lm, cfg, mode: str, ids: list[int], messages: list | None, params) -> dict:
+    """The chosen reply (system2_generate's dict); --verbose lists the samples on stderr."""
+    from lmforge.align.system2 import describe, system2_generate
+
+    out = system2_generate(lm.model, lm.tokenizer, ids, params, mode=mode, n=cfg.system2_n,
+                           reward_model=cfg.reward_model, messages=messages)
+    if cfg.verbose:
+        print("\n".join(describe(out)), file=sys.stderr)
+    return out
 
 
 def run(cfg: Config) -> None:
+    from lmforge.align.system2 import check_args, details
     from lmforge.engine import generate_text, stream_text
 
+    params = sampling_from(cfg)
+    mode, note = check_args(cfg, params)
+    if note:
+        print(note, file=sys.stderr)
     if cfg.data:
+        from lmforge.align.common import read_jsonl
+
         path = Path(cfg.data)
         if not path.exists():
             raise LmforgeError(f"data file not found: {path}")
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
         lm = load_lm(cfg)
-        params = sampling_from(cfg)
         out = open(cfg.out, "w", encoding="utf-8") if cfg.out else sys.stdout
         try:
             from tqdm import tqdm
@@ -63,10 +66,17 @@ def run(cfg: Config) -> None:
             bar = tqdm(total=len(rows), unit="prompt", disable=not cfg.out)
             for i in range(0, len(rows), cfg.batch_size):
                 chunk = rows[i : i + cfg.batch_size]
-                ids = [_prompt_ids(lm, r.get("prompt"), r.get("messages"), cfg.system, cfg.raw) for r in chunk]
-                for r, res in zip(chunk, generate_text(lm.model, lm.tokenizer, ids, params)):
-                    out.write(json.dumps({**r, "completion": res["text"], "finish_reason": res["finish_reason"],
-                                          "completion_tokens": res["completion_tokens"]}, ensure_ascii=False) + "\n")
+                prompts = [_prompt(lm, r.get("prompt"), r.get("messages"), cfg.system, cfg.raw) for r in chunk]
+                if mode is None:
+                    results = generate_text(lm.model, lm.tokenizer, [ids for ids, _ in prompts], params)
+                else:  # system 2: one prompt at a time, its N samples together
+                    results = [system2_reply(lm, cfg, mode, ids, msgs, params) for ids, msgs in prompts]
+                for r, res in zip(chunk, results):
+                    rec = {**r, "completion": res["text"], "finish_reason": res["finish_reason"],
+                           "completion_tokens": res["completion_tokens"]}
+                    if mode is not None:
+                        rec["system2"] = {"mode": mode, **details(res)}
+                    out.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 bar.update(len(chunk))
             bar.close()
         finally:
@@ -77,8 +87,16 @@ def run(cfg: Config) -> None:
     if not prompt.strip():
         raise LmforgeError("empty prompt (pass --prompt TEXT or text on stdin)")
     lm = load_lm(cfg)
-    ids = _prompt_ids(lm, prompt, None, cfg.system, cfg.raw)
-    params = sampling_from(cfg)
+    ids, messages = _prompt(lm, prompt, None, cfg.system, cfg.raw)
+    if mode is not None:  # every sample must finish before one is chosen: nothing to stream
+        res = system2_reply(lm, cfg, mode, ids, messages, params)
+        if cfg.json:
+            print(json.dumps({"text": res["text"], "completion_tokens": res["completion_tokens"], "prompt_tokens": len(ids),
+                              "finish_reason": res["finish_reason"], "system2": {"mode": mode, **details(res)}},
+                             ensure_ascii=False))
+        else:
+            print(res["text"])
+        return
     if cfg.json:
         res = generate_text(lm.model, lm.tokenizer, [ids], params)[0]
         res.pop("ids")

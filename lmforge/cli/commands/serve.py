@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from lmforge.cli.common import ModelArgs, load_lm
+from lmforge.cli.common import ModelArgs, load_lm, runtime_summary
 from lmforge.errors import LmforgeError
 from lmforge.serve.app import ServeConfig
 
@@ -45,5 +45,5 @@ def run(cfg: Config) -> None:
     mc = lm.model.cfg
     kv_mb = 2 * mc.n_layers * sched.slots * mc.n_kv_heads * (sched.ctx + 1) * mc.head_dim * lm.model.lm_head.weight.element_size() / 2**20
     print(f"serving {app.state.model_id} on http://{cfg.host}:{cfg.port}  ({sched.slots} slots x {sched.ctx} tokens, "
-          f"KV cache {kv_mb:.0f} MiB; chat page at /, API at /v1)", file=sys.stderr)
+          f"KV cache {kv_mb:.0f} MiB; {runtime_summary(lm, cfg)}; chat page at /, API at /v1)", file=sys.stderr)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
