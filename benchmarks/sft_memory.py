@@ -1,6 +1,11 @@
 """Finetuning cost on the default model: tokens/s and peak memory of full vs LoRA vs QLoRA,
 with TRL's SFTTrainer + PEFT LoRA (r=16, all-linear) as the reference when TRL is installed.
 
+LoRA runs as `lmforge sft --method lora` does by default: `--dtype auto`, a bf16 frozen base
+where bf16 is fast (`lmforge.finetune.sft.base_dtype`), fp32 adapters and optimizer; a row with
+the fp32 base sits beside it. The targets are checked on the default LoRA against full
+finetuning (fp32 master weights), both with the same memory savers.
+
 Every configuration runs in its own process (so peak memory is its own), on the same chat data,
 batch size, sequence length, number of steps and threads:
 
@@ -11,7 +16,8 @@ Peak memory is the process's peak resident set (VmHWM) during the training steps
 after the model is loaded and prepared (`/proc/self/clear_refs`), so it counts the weights plus
 what training adds (gradients, optimizer state, activations), not the loading. Tokens/s counts
 the real (non-padding) input tokens per step, over the steps after the first (warm-up).
-Results: a table, and benchmarks/results/sft_memory.json.
+Results: a table, and benchmarks/results/sft_memory.json (rewritten after every configuration;
+`complete` says whether all of them ran).
 """
 from __future__ import annotations
 
@@ -83,16 +89,18 @@ def worker_lmforge(a) -> dict:
 
     from lmforge.finetune.datasets import Example, tokenize_examples
     from lmforge.finetune.lora import LoraSettings
-    from lmforge.finetune.sft import SFTBatches, make_sft_loss, prepare_model
+    from lmforge.finetune.sft import SFTBatches, base_dtype, make_sft_loss, prepare_model
     from lmforge.loading import load_model
     from lmforge.train import TrainConfig, train
 
     torch.manual_seed(0)
-    parts = a.worker.split(":")  # lmforge:METHOD[:bf16base]
-    model, tok = load_model(a.model, dtype="bf16" if "bf16base" in parts else "fp32")
+    parts = a.worker.split(":")  # lmforge:METHOD[:fp32base|:bf16base]; no suffix = the default (auto)
+    method = parts[1]
+    want = next((p[:-len("base")] for p in parts[2:] if p.endswith("base")), "auto")
+    dtype = base_dtype(want, method, "cpu")  # what `lmforge sft --dtype auto` picks on this machine
+    model, tok = load_model(a.model, dtype=dtype)
     records = [json.loads(line) for line in Path(a.data).read_text().splitlines()]
     rows, _ = tokenize_examples(tok, [Example(r["messages"], f"{a.data}:{i + 1}") for i, r in enumerate(records)], a.seq)
-    method = parts[1]
     params = prepare_model(model, method, LoraSettings(r=16, alpha=32, dropout=0.0, targets=["all-linear"]), "nf4")
     batches = SFTBatches(rows, a.batch, a.seq, tok.pad_id, pack=False, seed=0)
     cfg = TrainConfig(lr=1e-4, warmup_steps=0, max_steps=a.steps, schedule="constant", weight_decay=0.0,
@@ -109,7 +117,7 @@ def worker_lmforge(a) -> dict:
                     eval_fn=at_end, save_fn=lambda m, d: None, tokenizer=tok, progress=False)
     hist = [r for r in res["history"] if "tokens_per_s" in r]
     n_train = sum(p.numel() for p in {id(p): p for p in params}.values())
-    return _rates(hist, peak.get("mib", peak_mib()), base, n_train)
+    return {**_rates(hist, peak.get("mib", peak_mib()), base, n_train), "weights_dtype": dtype}
 
 
 def _rates(hist: list[dict], peak: int, base: int, n_train: int) -> dict:
@@ -233,8 +241,19 @@ def main(argv=None) -> int:
 
     import importlib.util
 
+    from lmforge.finetune.sft import base_dtype
+
     have_trl = not a.no_trl and importlib.util.find_spec("trl") is not None
+    auto = base_dtype("auto", "lora", "cpu")
+    lora_default = f"lora (default: {auto} base"  # + ", savers on)" / ", savers off)" / ...
     load_start = os.getloadavg()[0]
+    runs: dict[str, dict] = {}
+
+    def add(name: str, spec: str, data: Path, hf_dir: Path | None, savers: bool, lean: bool = False) -> None:
+        runs[name] = run_worker(spec, a, data, hf_dir, savers, lean)
+        # the JSON is rewritten after every configuration, so a cut-short session keeps what ran
+        write_result(a, argv, runs, summarize(runs, lora_default), auto, load_start, complete=False)
+
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in make_records(a.batch * (a.steps + 2))))
@@ -245,78 +264,112 @@ def main(argv=None) -> int:
             m, tok = load_model(a.model)
             hf_dir = save_hf(m, tok, Path(tmp) / "hf")
             del m
-        runs = {}
         # the speed comparison with TRL first, back to back (the machine is shared): lmforge LoRA
-        # as it runs by default (no recompute) against TRL with and without its recompute
-        runs["lora (savers off)"] = run_worker("lmforge:lora", a, data, None, False)
+        # as it runs by default (default base dtype, no recompute) against TRL with and without
+        # its recompute
+        add(f"{lora_default}, savers off)", "lmforge:lora", data, None, False)
         if have_trl:
-            runs["trl lora (no grad ckpt)"] = run_worker("trl:nockpt", a, data, hf_dir, False)
-            runs["trl lora (TRL defaults)"] = run_worker("trl:default", a, data, hf_dir, True)
+            add("trl lora (no grad ckpt)", "trl:nockpt", data, hf_dir, False)
+            add("trl lora (TRL defaults)", "trl:default", data, hf_dir, True)
         # the method comparison: same batch, length, autocast and memory savers (activation
-        # checkpointing + chunked cross-entropy) for every method; weights fp32
-        for method in ("full", "lora", "qlora"):
-            runs[f"{method} (savers on)"] = run_worker(f"lmforge:{method}", a, data, None, True)
-        runs["full (savers off)"] = run_worker("lmforge:full", a, data, None, False)
-        # LoRA's frozen base stored in bf16 (what bf16 autocast computes with anyway)
-        runs["lora (savers on, bf16 base)"] = run_worker("lmforge:lora:bf16base", a, data, None, True)
+        # checkpointing + chunked cross-entropy) for every method; each method's default weights
+        add("full (savers on)", "lmforge:full", data, None, True)
+        add(f"{lora_default}, savers on)", "lmforge:lora", data, None, True)
+        add("lora (fp32 base, savers on)", "lmforge:lora:fp32base", data, None, True)
+        add("qlora (savers on)", "lmforge:qlora", data, None, True)
+        add("full (savers off)", "lmforge:full", data, None, False)
         if not a.no_lean:
             # glibc keeps freed transients in its arenas; lean_malloc returns them (see its docstring)
-            for method in ("full", "lora", "qlora"):
-                runs[f"{method} (savers on, lean malloc)"] = run_worker(f"lmforge:{method}", a, data, None, True, lean=True)
+            add("full (savers on, lean malloc)", "lmforge:full", data, None, True, lean=True)
+            add(f"{lora_default}, savers on, lean malloc)", "lmforge:lora", data, None, True, lean=True)
+            add("qlora (savers on, lean malloc)", "lmforge:qlora", data, None, True, lean=True)
             if have_trl:
-                runs["trl lora (TRL defaults, lean malloc)"] = run_worker("trl:default", a, data, hf_dir, True, lean=True)
+                add("trl lora (TRL defaults, lean malloc)", "trl:default", data, hf_dir, True, lean=True)
 
+    ratios, checks = summarize(runs, lora_default)
+    print(f"\n{'configuration':<50}{'tokens/s':>10}{'s/step':>9}{'peak MiB':>10}{'trainable':>14}")
+    for name, r in runs.items():
+        if "error" in r:
+            print(f"{name:<50}  error: {r['error']}")
+            continue
+        print(f"{name:<50}{r['tokens_per_s']:>10.1f}{r['step_s']:>9.2f}{r['peak_mib']:>10}{r['trainable_params']:>14,}")
+    for k, v in ratios.items():
+        print(f"{k}: {v}")
+    for k, c in checks.items():
+        bound = f"<= {c['at_most']}" if "at_most" in c else f">= {c['at_least']}"
+        print(f"target {k} {bound}: {c['value']} ({'met' if c['met'] else 'NOT met'})")
+    write_result(a, argv, runs, (ratios, checks), auto, load_start, complete=True)
+    print(f"wrote {a.result}")
+    return 0
+
+
+TARGETS = {"lora_over_full_peak_memory_at_most": 0.5, "lmforge_lora_over_trl_tokens_per_s_at_least": 1.5}
+
+
+def summarize(runs: dict, lora_default: str) -> tuple[dict, dict]:
+    """(ratios, target checks) from the runs so far; "lora" in a key is the default LoRA."""
     def get(name, key):
         return runs.get(name, {}).get(key)
 
-    ratios = {}
-    if get("full (savers on)", "peak_mib") and get("lora (savers on)", "peak_mib"):
-        ratios["lora_over_full_peak_memory_savers_on"] = round(get("lora (savers on)", "peak_mib") / get("full (savers on)", "peak_mib"), 3)
-        ratios["qlora_over_full_peak_memory_savers_on"] = round(get("qlora (savers on)", "peak_mib") / get("full (savers on)", "peak_mib"), 3)
-    if get("full (savers on, lean malloc)", "peak_mib") and get("lora (savers on, lean malloc)", "peak_mib"):
-        ratios["lora_over_full_peak_memory_savers_on_lean_malloc"] = round(
-            get("lora (savers on, lean malloc)", "peak_mib") / get("full (savers on, lean malloc)", "peak_mib"), 3)
-        ratios["qlora_over_full_peak_memory_savers_on_lean_malloc"] = round(
-            get("qlora (savers on, lean malloc)", "peak_mib") / get("full (savers on, lean malloc)", "peak_mib"), 3)
-    if get("full (savers on)", "peak_mib") and get("lora (savers on, bf16 base)", "peak_mib"):
-        ratios["lora_bf16_base_over_full_peak_memory_savers_on"] = round(
-            get("lora (savers on, bf16 base)", "peak_mib") / get("full (savers on)", "peak_mib"), 3)
-    if get("full (savers off)", "peak_mib") and get("lora (savers off)", "peak_mib"):
-        ratios["lora_over_full_peak_memory_savers_off"] = round(get("lora (savers off)", "peak_mib") / get("full (savers off)", "peak_mib"), 3)
-    for ref in ("trl lora (TRL defaults)", "trl lora (no grad ckpt)"):
-        if get(ref, "tokens_per_s") and get("lora (savers off)", "tokens_per_s"):
-            ratios[f"lmforge_lora_over_{ref.replace(' ', '_').replace('(', '').replace(')', '')}_tokens_per_s"] = round(
-                get("lora (savers off)", "tokens_per_s") / get(ref, "tokens_per_s"), 2)
+    def ratio(num: str, den: str, key: str = "peak_mib", digits: int = 3):
+        return round(get(num, key) / get(den, key), digits) if get(num, key) and get(den, key) else None
 
-    print(f"\n{'configuration':<40}{'tokens/s':>10}{'s/step':>9}{'peak MiB':>10}{'trainable':>14}")
-    for name, r in runs.items():
-        if "error" in r:
-            print(f"{name:<40}  error: {r['error']}")
-            continue
-        print(f"{name:<40}{r['tokens_per_s']:>10.1f}{r['step_s']:>9.2f}{r['peak_mib']:>10}{r['trainable_params']:>14,}")
-    for k, v in ratios.items():
-        print(f"{k}: {v}")
+    pairs = {
+        "lora_over_full_peak_memory_savers_on": (f"{lora_default}, savers on)", "full (savers on)"),
+        "lora_fp32_base_over_full_peak_memory_savers_on": ("lora (fp32 base, savers on)", "full (savers on)"),
+        "qlora_over_full_peak_memory_savers_on": ("qlora (savers on)", "full (savers on)"),
+        "lora_over_full_peak_memory_savers_on_lean_malloc": (f"{lora_default}, savers on, lean malloc)",
+                                                             "full (savers on, lean malloc)"),
+        "qlora_over_full_peak_memory_savers_on_lean_malloc": ("qlora (savers on, lean malloc)", "full (savers on, lean malloc)"),
+        "lora_over_full_peak_memory_savers_off": (f"{lora_default}, savers off)", "full (savers off)"),
+    }
+    ratios = {k: r for k, v in pairs.items() if (r := ratio(*v)) is not None}
+    speed = ratio(f"{lora_default}, savers on)", "lora (fp32 base, savers on)", "tokens_per_s", 2)
+    if speed is not None:
+        ratios["lora_over_lora_fp32_base_tokens_per_s_savers_on"] = speed
+    for ref in ("trl lora (TRL defaults)", "trl lora (no grad ckpt)"):
+        r = ratio(f"{lora_default}, savers off)", ref, "tokens_per_s", 2)
+        if r is not None:
+            ratios[f"lmforge_lora_over_{ref.replace(' ', '_').replace('(', '').replace(')', '')}_tokens_per_s"] = r
+    checks = {}
+    if "lora_over_full_peak_memory_savers_on" in ratios:
+        v = ratios["lora_over_full_peak_memory_savers_on"]
+        checks["lora_over_full_peak_memory"] = {"value": v, "at_most": 0.5, "met": v <= 0.5,
+                                                "lora": f"{lora_default}, savers on)", "full": "full (savers on)"}
+    if "lmforge_lora_over_trl_lora_TRL_defaults_tokens_per_s" in ratios:
+        v = ratios["lmforge_lora_over_trl_lora_TRL_defaults_tokens_per_s"]
+        checks["lmforge_lora_over_trl_tokens_per_s"] = {"value": v, "at_least": 1.5, "met": v >= 1.5,
+                                                        "lora": f"{lora_default}, savers off)", "trl": "trl lora (TRL defaults)"}
+    return ratios, checks
+
+
+def write_result(a, argv, runs: dict, summary: tuple[dict, dict], auto: str, load_start: float, complete: bool) -> None:
+    ratios, checks = summary
     res = {
         "benchmark": "sft_memory",
         "command": "python benchmarks/sft_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "complete": complete,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": a.threads,
                     "load_avg_start": round(load_start, 2), "load_avg_end": round(os.getloadavg()[0], 2),
                     "note": "shared machine: other jobs ran at the same time; configurations ran one after another"},
         "settings": {"batch": a.batch, "max_seq_len": a.seq, "steps": a.steps, "measured_steps": a.steps - 1,
-                     "autocast": a.dtype, "weights": "fp32 (qlora: nf4 linear layers)", "lora": "r=16, all-linear, dropout 0",
+                     "autocast": a.dtype,
+                     "weights": f"full: fp32 master weights; lora: default --dtype auto = {auto} frozen base here (and an "
+                                "fp32-base row), fp32 adapters and optimizer; qlora: nf4 linear layers, fp32 rest",
+                     "lora": "r=16, all-linear, dropout 0",
                      "savers_on": f"activation checkpointing + chunked cross-entropy ({a.ce_chunk} tokens)",
                      "data": "multi-turn persona chats (benchmarks/sft_demo.py task), same records for every run"},
         "runs": runs, "ratios": ratios,
         "notes": ["lean malloc = lmforge.finetune.sft.lean_malloc (glibc M_MMAP_THRESHOLD 64 KiB; `lmforge sft --lean-malloc`)",
                   "TRL's defaults on CPU: gradient checkpointing on, bf16 autocast; its loss covers every token "
-                  "(assistant_only_loss needs {% generation %} marks the SmolLM2 template lacks)"],
-        "targets": {"lora_over_full_peak_memory_at_most": 0.5, "lmforge_lora_over_trl_tokens_per_s_at_least": 1.5},
+                  "(assistant_only_loss needs {% generation %} marks the SmolLM2 template lacks); its model is loaded "
+                  "in fp32 (from_pretrained(dtype=torch.float32))",
+                  "memory ratios do not depend on machine load; tokens/s ratios compare runs of the same invocation"],
+        "targets": TARGETS, "target_checks": checks,
     }
     Path(a.result).parent.mkdir(parents=True, exist_ok=True)
     Path(a.result).write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {a.result}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 Hugging Face Hub (users with internet)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -14,18 +13,11 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.loading.resolve import DEFAULT_GGUF_NAME, DEFAULT_MODEL_ID, DEFAULT_PACKAGE, cache_dir_for, default_model_path
+from lmforge.paths import sha256_file
 
 DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def extract_default_from_wheel(wheel: Path, expected_sha256: str | None = DEFAULT_WHEEL_SHA256) -> Path:

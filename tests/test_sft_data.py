@@ -174,3 +174,36 @@ def test_tool_call_turns_are_trained_and_tool_results_are_not(tok, tmp_path):
     assert "calc" in trained and "It is 42." in trained
     untrained = tok.decode([i for i, m in zip(ids, mask) if not m])
     assert "42" in untrained and "6 times 7" in untrained  # the tool result and the question
+
+
+def test_preference_data_shares_the_sft_reader_and_its_messages(tmp_path):
+    """One implementation reads and checks both kinds of data: same file:line, same skip report."""
+    from lmforge.align.preference import load_pairs
+
+    bad_tools = {"tools": "calc"}
+    sft = _write(tmp_path / "sft.jsonl", [GOOD, "{not json", {**GOOD, **bad_tools}])
+    pref = _write(tmp_path / "pref.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, "{not json",
+                                            {"prompt": "q", "chosen": "a", "rejected": "b", **bad_tools}])
+    _, rs = load_examples(sft, on_error="skip")
+    _, rp = load_pairs(pref, on_error="skip")
+    assert [s.split(".jsonl", 1)[1] for s in rs.skipped] == [s.split(".jsonl", 1)[1] for s in rp.skipped]
+    assert rs.skipped[1].endswith("sft.jsonl:3: 'tools' must be a list of objects")
+    with pytest.raises(LmforgeError, match=r"bad training record .*sft.jsonl:2: invalid JSON"):
+        load_examples(sft)
+    with pytest.raises(LmforgeError, match=r"bad preference record .*pref.jsonl:2: invalid JSON"):
+        load_pairs(pref)
+    for load in (load_examples, load_pairs):
+        with pytest.raises(LmforgeError, match="on_error must be one of fail, skip"):
+            load(sft, on_error="ignore")
+
+
+def test_sft_recipes_parse_strictly_and_say_the_base_dtype():
+    from pathlib import Path
+
+    from lmforge.config import from_dict, load_yaml
+    from lmforge.finetune.sft import SFTConfig
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "sft"
+    cfgs = {f.stem: from_dict(SFTConfig, load_yaml(f)) for f in sorted(root.glob("*.yaml"))}
+    assert {"full", "lora", "qlora"} <= set(cfgs)
+    assert cfgs["lora"].dtype == "auto" and cfgs["full"].dtype == "fp32" and cfgs["qlora"].dtype == "fp32"

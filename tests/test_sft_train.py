@@ -183,3 +183,62 @@ def test_sft_bad_data_fails_with_line(tiny_dir, data_file, tmp_path, capsys):
     assert main(["sft", "--model", str(tiny_dir), "--data", str(data_file), "--method", "lora", "--base-quant", "nf4",
                  "--out", str(tmp_path / "r")]) == 2
     assert "use --method qlora" in capsys.readouterr().err
+
+
+# -- the frozen base's dtype: `auto` = bf16 for LoRA where bf16 is fast -------------------------
+def test_auto_base_dtype_is_bf16_for_lora_only(monkeypatch):
+    from lmforge.finetune import sft
+
+    monkeypatch.setattr(sft, "fast_bf16", lambda device="cpu": True)
+    assert [sft.base_dtype("auto", m) for m in ("full", "lora", "qlora")] == ["fp32", "bf16", "fp32"]
+    assert sft.base_dtype("fp32", "lora") == "fp32" and sft.base_dtype("bf16", "qlora") == "bf16"
+    monkeypatch.setattr(sft, "fast_bf16", lambda device="cpu": False)
+    assert sft.base_dtype("auto", "lora") == "fp32"
+    assert sft.SFTConfig().dtype == "auto" and sft.SFTConfig().method == "lora"
+    # the real check answers for any machine, and a device without CUDA never claims CUDA bf16
+    assert isinstance(sft.fast_bf16("cpu"), bool)
+    assert sft.fast_bf16("cuda") == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def test_full_finetuning_refuses_a_bf16_base(tiny_dir, data_file, tmp_path, capsys):
+    assert _sft(tiny_dir, data_file, tmp_path / "r", "--method", "full", "--dtype", "bf16") == 2
+    assert "full finetuning keeps fp32 weights" in capsys.readouterr().err
+
+
+def test_lora_default_bf16_base_trains_fp32_adapters_and_merges_into_the_fp32_base(tiny_dir, data_file, tmp_path,
+                                                                                  monkeypatch):
+    from safetensors.torch import load_file
+
+    from lmforge.cli.main import main
+    from lmforge.config import load_yaml
+    from lmforge.finetune import sft
+
+    monkeypatch.setattr(sft, "fast_bf16", lambda device="cpu": True)  # the same on every machine
+    out = tmp_path / "run"
+    cfg = sft.SFTConfig(model=str(tiny_dir), data=str(data_file), out=str(out), on_error="skip", batch_size=4,
+                        lora=sft.LoraArgs(r=4, dropout=0.0),
+                        train=sft.SFTTrainConfig(max_steps=3, lr=3e-3, warmup_steps=0, schedule="constant", log_every=1))
+    res = sft.run_sft(cfg, progress=False)
+    q = res["model"].model.layers[0].self_attn.q_proj
+    assert q.base_layer.weight.dtype == torch.bfloat16  # the frozen base: no fp32 copy
+    assert q.lora_A.weight.dtype == q.lora_B.weight.dtype == torch.float32
+    assert load_yaml(out / "config.yaml")["dtype"] == "bf16"  # the resolved value is recorded
+    ckpt = out / (out / "latest").read_text().strip()
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+    moments = [t for s in state["optimizer"]["state"].values() for k, t in s.items() if k.startswith("exp_avg")]
+    assert moments and all(t.dtype == torch.float32 for t in moments)
+    adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in adapter.values())
+
+    # merging reloads the base at its own precision (fp32 here), not the bf16 copy it trained with
+    assert main(["merge", "--model", str(out), "--out", str(tmp_path / "merged")]) == 0
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    base = load_file(str(tiny_dir / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    a = adapter[f"base_model.model.{key[:-len('.weight')]}.lora_A.weight"]
+    b = adapter[f"base_model.model.{key[:-len('.weight')]}.lora_B.weight"]
+    want = base[key].float() + (b @ a) * (32.0 / 4)
+    assert merged[key].dtype == torch.float32 and float((b @ a).abs().max()) > 0  # the adapter trained
+    assert (merged[key] - want).abs().max() <= 1e-6
+    via_bf16 = base[key].to(torch.bfloat16).float() + (b @ a) * (32.0 / 4)
+    assert (via_bf16 - want).abs().max() > 1e-5  # what merging into the bf16 copy would have lost

@@ -9,8 +9,8 @@ assistant) is shared; `chosen` / `rejected` are the assistant's reply as a strin
 object, or a list of messages (assistant turns, tool calls and results included). Optional
 `tools` as in chat SFT data. Each side is checked with the SFT validator
 (`lmforge.finetune.datasets.check_messages`) as a whole conversation, so preference data obeys
-exactly the rules chat data does; bad records fail the run with `file:line: why` or are skipped
-and reported (`on_error="skip"`).
+exactly the rules chat data does; reading, the `file:line: why` errors, skipping and reporting
+(`on_error="skip"`) and truncation are SFT's too (`read_checked`, `clip_row`).
 
 Rendering goes through the one renderer; only the tokens of the reply (after the prompt) count
 for the reward model's score position and for DPO's log-probabilities.
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
-from lmforge.finetune.datasets import DataReport, RecordError, check_messages, read_records
+from lmforge.finetune.datasets import (DataReport, RecordError, check_messages, check_tools, clip_row,
+                                       handle_bad_record, read_checked)
 
 KEYS = {"prompt", "messages", "chosen", "rejected", "tools", "id", "meta"}
 
@@ -69,9 +70,7 @@ def record_to_pair(obj, where: str = "") -> PreferencePair:
         prompt = check_messages(obj["messages"], require_assistant=False)
         if prompt[-1]["role"] == "assistant":
             raise RecordError("'messages' (the prompt) must not end with the assistant's turn; put replies in chosen/rejected")
-    tools = obj.get("tools")
-    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
-        raise RecordError("'tools' must be a list of objects")
+    tools = check_tools(obj.get("tools"))
     sides = {}
     for side in ("chosen", "rejected"):
         try:
@@ -84,32 +83,13 @@ def record_to_pair(obj, where: str = "") -> PreferencePair:
     return PreferencePair(prompt, sides["chosen"], sides["rejected"], where, tools)
 
 
-def _handle(report: DataReport, where: str, err: Exception, on_error: str) -> None:
-    msg = f"{where}: {err}"
-    if on_error == "fail":
-        raise LmforgeError(f"bad preference record {msg} (use --on-error skip to skip bad records)")
-    report.skipped.append(msg)
+WHAT = "preference record"  # in messages: "bad preference record FILE:LINE: why"
 
 
 def load_pairs(data: str | Path, on_error: str = "fail", split: str = "train",
                report: DataReport | None = None) -> tuple[list[PreferencePair], DataReport]:
     """Read and validate preference records from JSONL/JSON files, a folder, or a datasets folder."""
-    if on_error not in ("fail", "skip"):
-        raise LmforgeError(f"on_error must be fail or skip, got '{on_error}'")
-    report = report or DataReport()
-    out = []
-    for where, obj in read_records(data, split):
-        report.total += 1
-        if isinstance(obj, RecordError):
-            _handle(report, where, obj, on_error)
-            continue
-        try:
-            out.append(record_to_pair(obj, where))
-        except RecordError as e:
-            _handle(report, where, e, on_error)
-    if not out:
-        raise LmforgeError(f"no usable preference records in {data} ({report.summary()})")
-    return out, report
+    return read_checked(data, record_to_pair, on_error, split, report, what=WHAT)
 
 
 def render_reply(tokenizer, prompt: list[dict], reply: list[dict], tools=None) -> tuple[list[int], list[int]]:
@@ -134,14 +114,12 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], max_len: int, on_erro
             row = {"where": p.where}
             for side in ("chosen", "rejected"):
                 ids, mask = render_reply(tokenizer, p.prompt, getattr(p, side), p.tools)
-                if len(ids) > max_len:
-                    report.truncated.append(f"{p.where} ({side}): {len(ids)} tokens > {max_len}")
-                    ids, mask = ids[:max_len], mask[:max_len]
-                if sum(mask[1:]) == 0:
-                    raise RecordError(f"{side}: no reply token within the first {max_len} tokens")
-                row[side] = (ids, mask)
+                try:
+                    row[side] = clip_row(ids, mask, max_len, f"{p.where} ({side})", report, what="reply token")
+                except RecordError as e:
+                    raise RecordError(f"{side}: {e}") from None
         except (RecordError, LmforgeError) as e:
-            _handle(report, p.where, e, on_error)
+            handle_bad_record(report, p.where, e, on_error, WHAT)
             continue
         rows.append(row)
     report.kept = len(rows)

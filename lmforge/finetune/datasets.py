@@ -8,15 +8,17 @@ fails the run (`on_error="fail"`, the default) or is skipped and counted (`"skip
 dropped silently: the `DataReport` lists every skipped record and every truncated one, and the
 SFT command prints it and writes it into the run folder.
 
-Validation (`check_messages`, `read_records`) is separate from SFT so preference data (DPO) can
-reuse it: a preference record is two conversations checked with the same rules.
+Validation and reading are separate from SFT so preference data (DPO, reward models,
+`lmforge.align.preference`) shares them: `check_messages` (a preference record is two
+conversations checked with the same rules), `check_tools`, `read_records` (file:line per record),
+`read_checked` (the read / validate / fail-or-skip loop), `handle_bad_record` and `clip_row`.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from lmforge.errors import LmforgeError
 
@@ -163,7 +165,8 @@ def check_messages(messages, require_assistant: bool = True, final_assistant: bo
     return out
 
 
-def _check_tools(tools) -> list[dict] | None:
+def check_tools(tools) -> list[dict] | None:
+    """The optional `tools` list of a record (function schemas), as chat data carries it."""
     if tools is None:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
@@ -190,7 +193,7 @@ def record_to_example(obj, fmt: str = "auto") -> tuple[list[dict], list[dict] | 
             raise RecordError(f"unknown key '{sorted(extra)[0]}' in a chat record")
         if "messages" not in obj:
             raise RecordError("chat record without 'messages'")
-        return check_messages(obj["messages"]), _check_tools(obj.get("tools"))
+        return check_messages(obj["messages"]), check_tools(obj.get("tools"))
     if kind == "instruction":
         extra = set(obj) - {"instruction", "input", "output", "system"}
         if extra:
@@ -297,36 +300,68 @@ def _drop_nones(obj):
     return obj
 
 
-def _handle(report: DataReport, where: str, err: Exception, on_error: str) -> None:
+# -- fail or skip, and report ------------------------------------------------------------------
+def check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise LmforgeError(f"on_error must be one of {', '.join(ON_ERROR)}, got '{on_error}'")
+
+
+def handle_bad_record(report: DataReport, where: str, err: Exception, on_error: str, what: str = "training record") -> None:
+    """A bad record fails the run (`on_error="fail"`, naming file:line) or is skipped and reported."""
     msg = f"{where}: {err}"
     if on_error == "fail":
-        raise LmforgeError(f"bad training record {msg} (use --on-error skip to skip bad records)")
+        raise LmforgeError(f"bad {what} {msg} (use --on-error skip to skip bad records)")
     report.skipped.append(msg)
+
+
+T = TypeVar("T")
+
+
+def read_checked(data: str | Path, convert: Callable[[object, str], T], on_error: str = "fail", split: str = "train",
+                 report: DataReport | None = None, what: str = "training record") -> tuple[list[T], DataReport]:
+    """Every record of `data` through `convert(record, where)` (which raises RecordError for a bad
+    one); bad records and unreadable lines fail the run or are skipped, as `on_error` says."""
+    check_on_error(on_error)
+    report = report or DataReport()
+    out = []
+    for where, obj in read_records(data, split):
+        report.total += 1
+        if isinstance(obj, RecordError):  # a line that is not JSON / not UTF-8
+            handle_bad_record(report, where, obj, on_error, what)
+            continue
+        try:
+            out.append(convert(obj, where))
+        except RecordError as e:
+            handle_bad_record(report, where, e, on_error, what)
+    if not out:
+        raise LmforgeError(f"no usable {what}s in {data} ({report.summary()})")
+    return out, report
+
+
+def clip_row(ids: list[int], mask: list[int], max_len: int, where: str, report: DataReport,
+             what: str = "assistant token") -> tuple[list[int], list[int]]:
+    """Cut a rendered row to `max_len` tokens (recorded in report.truncated); RecordError when no
+    trained token is left (the first token is never a target)."""
+    if len(ids) > max_len:
+        report.truncated.append(f"{where}: {len(ids)} tokens > {max_len}")
+        ids, mask = ids[:max_len], mask[:max_len]
+    if sum(mask[1:]) == 0:
+        raise RecordError(f"no {what} within the first {max_len} tokens")
+    return ids, mask
 
 
 def load_examples(data: str | Path, fmt: str = "auto", on_error: str = "fail", split: str = "train",
                   report: DataReport | None = None) -> tuple[list[Example], DataReport]:
     """Read and validate every record; bad ones fail the run or are skipped and reported."""
-    if on_error not in ON_ERROR:
-        raise LmforgeError(f"on_error must be one of {', '.join(ON_ERROR)}, got '{on_error}'")
+    check_on_error(on_error)
     if fmt not in FORMATS:
         raise LmforgeError(f"unknown data format '{fmt}' (choose {', '.join(FORMATS)})")
-    report = report or DataReport()
-    out = []
-    for where, obj in read_records(data, split):
-        report.total += 1
-        if isinstance(obj, RecordError):
-            _handle(report, where, obj, on_error)
-            continue
-        try:
-            msgs, tools = record_to_example(obj, fmt)
-        except RecordError as e:
-            _handle(report, where, e, on_error)
-            continue
-        out.append(Example(msgs, where, tools))
-    if not out:
-        raise LmforgeError(f"no usable training records in {data} ({report.summary()})")
-    return out, report
+
+    def convert(obj, where: str) -> Example:
+        msgs, tools = record_to_example(obj, fmt)
+        return Example(msgs, where, tools)
+
+    return read_checked(data, convert, on_error, split, report)
 
 
 def tokenize_examples(tokenizer, examples: list[Example], max_len: int, on_error: str = "fail",
@@ -340,18 +375,11 @@ def tokenize_examples(tokenizer, examples: list[Example], max_len: int, on_error
     for ex in examples:
         try:
             ids, mask = render_conversation(tokenizer, ex.messages, tools=ex.tools)
-        except LmforgeError as e:
-            _handle(report, ex.where, RecordError(str(e)), on_error)
-            continue
+            rows.append(clip_row(ids, mask, max_len, ex.where, report))
         except ImportError as e:  # tool calls render through lmforge.tools; not a data problem
             raise LmforgeError(f"{ex.where}: cannot render this conversation: {e}") from None
-        if len(ids) > max_len:
-            report.truncated.append(f"{ex.where}: {len(ids)} tokens > {max_len}")
-            ids, mask = ids[:max_len], mask[:max_len]
-        if sum(mask[1:]) == 0:  # the first token is never a target
-            _handle(report, ex.where, RecordError(f"no assistant token within the first {max_len} tokens"), on_error)
-            continue
-        rows.append((ids, mask))
+        except (RecordError, LmforgeError) as e:
+            handle_bad_record(report, ex.where, e, on_error)
     report.kept = len(rows)
     if not rows:
         raise LmforgeError(f"no usable training examples ({report.summary()})")

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.train.trainer import BatchSource, TrainConfig, unwrap
+from lmforge.train.trainer import BatchSource, TrainConfig, resolve_device, unwrap
 
 IGNORE = -100
 
@@ -229,6 +229,31 @@ def eval_loss(model: nn.Module, rows: list, batch_size: int, pad_id: int, ce_chu
 METHODS = ("full", "lora", "qlora")
 
 
+def fast_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether `device` computes bf16 matmuls at speed: a CUDA GPU with bf16, or a CPU that
+    oneDNN runs bf16 on (AVX-512 / AMX / Arm bf16, by torch's own check)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":
+        try:
+            return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a private op: a build without it says no
+            return False
+    return False
+
+
+def base_dtype(dtype: str, method: str, device: str | torch.device = "cpu") -> str:
+    """The dtype SFT loads the weights in. `auto`: bf16 for LoRA's frozen base where bf16 is fast
+    (gradients flow through the base but it never updates, so it needs no fp32 master copy:
+    half the memory, and the matmuls run in bf16 anyway under bf16 autocast), else fp32. Full
+    finetuning keeps fp32 master weights; QLoRA keeps its fp32 default (its linear layers are
+    quantized anyway). The adapters and their optimizer state are fp32 in every case."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if method == "lora" and fast_bf16(device) else "fp32"
+
+
 def prepare_model(model: nn.Module, method: str, lora=None, base_quant: str = "nf4") -> list[nn.Parameter]:
     """Make `model` ready to train with `method`; return the parameters to optimize.
 
@@ -282,7 +307,9 @@ class SFTConfig:
     out: str = "runs/sft"
     method: Literal["full", "lora", "qlora"] = "lora"
     base_quant: Literal["auto", "none", "int8", "nf4", "int4"] = "auto"  # qlora's frozen base (auto = nf4)
-    dtype: Literal["fp32", "bf16"] = "fp32"  # storage of frozen weights (lora/qlora); full keeps fp32
+    # storage of the frozen weights; auto = bf16 for lora where bf16 is fast (CUDA with bf16, a
+    # CPU with oneDNN bf16), fp32 otherwise and for qlora; full always keeps fp32 (see base_dtype)
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
     data_format: Literal["auto", "chat", "instruction"] = "auto"
     data_split: str = "train"
     on_error: Literal["fail", "skip"] = "fail"  # a malformed record fails the run or is skipped (reported)
@@ -345,7 +372,10 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
 
     if not cfg.data:
         raise LmforgeError("--data is required (a chat or instruction JSONL file)")
-    if cfg.method == "full" and cfg.dtype != "fp32":
+    if cfg.method not in METHODS:
+        raise LmforgeError(f"unknown method '{cfg.method}' (choose {', '.join(METHODS)})")
+    dtype = base_dtype(cfg.dtype, cfg.method, resolve_device(cfg.train.device))
+    if cfg.method == "full" and dtype != "fp32":
         raise LmforgeError("full finetuning keeps fp32 weights; for bf16 compute use --train.dtype bf16")
     base_quant = cfg.base_quant
     if base_quant == "auto":
@@ -361,7 +391,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
 
-    model, tok = load_model(cfg.model, dtype=cfg.dtype)
+    model, tok = load_model(cfg.model, dtype=dtype)
     if tok is not None and not tok.chat_template:
         from dataclasses import replace
 
@@ -394,8 +424,8 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
                             rslora=cfg.lora.rslora)
     params = prepare_model(model, cfg.method, settings, base_quant)
     n_train = sum(p.numel() for p in {id(p): p for p in params}.values())
-    print(f"method {cfg.method}" + (f" (base {base_quant})" if cfg.method == "qlora" else "")
-          + f": {n_train:,} trainable of {model.num_parameters():,} parameters")
+    frozen = {"full": "", "lora": f" (frozen base {dtype}, adapters fp32)", "qlora": f" (base {base_quant})"}[cfg.method]
+    print(f"method {cfg.method}{frozen}: {n_train:,} trainable of {model.num_parameters():,} parameters")
 
     pad_id = tok.pad_id if tok.pad_id is not None else 0
     batches = SFTBatches(rows, cfg.batch_size, max_len, pad_id, pack=cfg.pack, seed=cfg.seed)
@@ -431,7 +461,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
 
     result = train(model, make_sft_loss(cfg.ce_chunk), batches, tcfg, out, params=params, eval_fn=eval_fn,
                    save_fn=save_fn, sample_fn=sample_fn, tokenizer=tok,
-                   config=dataclasses.replace(cfg, train=tcfg), progress=progress)
+                   config=dataclasses.replace(cfg, dtype=dtype, train=tcfg), progress=progress)
     what = "model" if cfg.method == "full" else "adapter (PEFT layout)"
     print(f"done: {result['step']} steps, loss {result['loss']:.4f}; {what} in {result['checkpoint']}")
     print(f"chat with it:  lmforge chat --model {out}")

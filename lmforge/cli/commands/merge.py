@@ -3,8 +3,10 @@
     lmforge merge --model runs/sft --out merged/               # run folder: its latest adapter
     lmforge merge --model BASE --adapter ADAPTER_DIR --out merged/
 
-The output loads in `transformers` (AutoModelForCausalLM.from_pretrained), in lmforge, and
-converts to GGUF like any HF folder.
+The base is read again from its own files at full precision (fp32), never from the bf16 copy a
+LoRA run trains against by default; the update is added in fp32 and only the sum is cast to
+`--dtype`. The output loads in `transformers` (AutoModelForCausalLM.from_pretrained), in lmforge,
+and converts to GGUF like any HF folder.
 """
 from __future__ import annotations
 
@@ -40,8 +42,9 @@ def run(cfg: Config) -> int:
         base = None
         if adapter is None:
             raise LmforgeError(f"{cfg.model or 'the default model'} holds no LoRA adapter; pass --model RUN_OR_ADAPTER or --adapter DIR")
-    model, tok = load_adapter_model(adapter, base=base, dtype=parse_dtype(cfg.dtype))
     dtype = parse_dtype(cfg.dtype)
+    # load_adapter_model loads the base in fp32 whatever the training run stored it in, merges, casts
+    model, tok = load_adapter_model(adapter, base=base, dtype=dtype)
     save_hf(model, tok, cfg.out, dtype=dtype)
     print(f"merged {adapter} into {base or 'its base model'}; wrote {cfg.out}")
     return 0
