@@ -113,6 +113,7 @@ def main() -> None:
     write_jsonl(out / "train_trace.jsonl", train_out["trace"])
     print(f"loop on {len(train_items)} training prompts: {len(train_out['sft'])} revisions", flush=True)
     cfg = from_dict(SFTConfig, {"model": args.model, "data": str(data), "out": str(out / "sft"), "method": "lora",
+                                "dtype": "fp32",  # the adapter is merged in memory below: keep the base fp32
                                 "batch_size": 4, "max_seq_len": 384, "seed": args.seed,
                                 "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
                                 "train": {"lr": 2e-4, "max_steps": args.sft_steps, "warmup_steps": 2, "log_every": 2}})
