@@ -94,64 +94,15 @@ def eval_no_tools(lm, held: list, max_new_tokens: int, batch: int) -> dict:
             "misses": [r for r, h in zip(rows, hits) if not h][:5]}
 
 
-def _tool_round(text: str, messages: list[dict], tools, at_limit: bool = False) -> bool:
-    """Append one assistant turn (and its tool results) exactly as `run_tool_loop` does; True when
-    the model answered without a call (the conversation is finished)."""
-    from lmforge.tools.protocol import CALL_CLOSE, CALL_OPEN, execute_tool_call, parse_tool_calls, tool_error_message
-
-    base = sum(len(m.get("tool_calls") or []) for m in messages if m["role"] == "assistant")
-    content, calls, errors = parse_tool_calls(text or "", start_index=base)
-    if not calls and not errors:
-        messages.append({"role": "assistant", "content": text})
-        return True
-    bad = {e["id"]: e for e in errors}
-    ordered = sorted(calls + [{"id": e["id"]} for e in errors], key=lambda c: int(c["id"].split("_")[1]))
-    tool_calls, results = [], []
-    for c in ordered:
-        if at_limit:  # the loop's last round: calls are answered with an error, not run
-            steps = sum(1 for m in messages if m["role"] == "assistant" and m.get("tool_calls"))
-            tool_calls.append(c if c["id"] not in bad else {"id": c["id"], "type": "function",
-                                                             "function": {"name": "", "arguments": bad[c["id"]]["raw"]}})
-            results.append(tool_error_message(c["id"], f"step limit reached ({steps} rounds of tool calls); answer without tools"))
-        elif c["id"] in bad:
-            e = bad[c["id"]]
-            tool_calls.append({"id": c["id"], "type": "function", "function": {"name": "", "arguments": e["raw"]}})
-            results.append(tool_error_message(c["id"], f"malformed tool call: {e['message']}. Write {CALL_OPEN}"
-                                              f"{{\"name\": ..., \"arguments\": {{...}}}}{CALL_CLOSE}"))
-        else:
-            tool_calls.append(c)
-            results.append(execute_tool_call(c, tools))
-    messages.append({"role": "assistant", "content": content or None, "tool_calls": tool_calls})
-    messages.extend(results)
-    return False
-
-
 def tool_conversations_batched(lm, questions: list[str], max_new_tokens: int, max_steps: int, batch: int) -> list[list[dict]]:
-    """`chat_with_tools` for many questions at once: each round, every unfinished conversation is
-    rendered with the calculator's schema (the same prompt) and decoded in one batch (greedy, stop
-    at `</tool_call>`), then its calls are run as `run_tool_loop` runs them. Batching only changes
-    speed; `main` checks it against `LM.chat_with_tools` on a sample."""
-    from lmforge.engine import SamplingParams, generate_text
+    """`chat_with_tools(..., "calculator")` for many questions at once (`teach.tool_loops_batched`:
+    the same prompt, greedy, calls run as `run_tool_loop` runs them). Batching only changes speed;
+    `main` checks it against `LM.chat_with_tools` on a sample."""
     from lmforge.tools import get_tools
-    from lmforge.tools.protocol import STOP_STRINGS
+    from lmforge.tools.teach import tool_loops_batched
 
-    tools = get_tools("calculator")
-    schemas = [t.schema() for t in tools]
-    params = SamplingParams(max_new_tokens=max_new_tokens, stop=list(STOP_STRINGS))
-    convs = [[{"role": "user", "content": q}] for q in questions]
-    active = list(range(len(convs)))
-    for step in range(max_steps + 1):
-        texts: dict[int, str] = {}
-        for i in range(0, len(active), batch):
-            rows = active[i:i + batch]
-            prompts = [lm.encode_chat(convs[r], tools=schemas) for r in rows]
-            for r, out in zip(rows, generate_text(lm.model, lm.tokenizer, prompts, params)):
-                texts[r] = out["text"]
-            print(f"  with tools, round {step + 1}: {min(i + batch, len(active))}/{len(active)}", flush=True)
-        active = [r for r in active if not _tool_round(texts[r], convs[r], tools, at_limit=step == max_steps)]
-        if not active or step == max_steps:
-            break
-    return [c[1:] for c in convs]
+    return tool_loops_batched(lm, questions, get_tools("calculator"), max_new_tokens, max_steps, batch,
+                              log=lambda s: print("  with tools," + s[1:], flush=True))
 
 
 def score_tool_conversations(held: list, convs: list[list[dict]]) -> dict:

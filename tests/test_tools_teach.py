@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
-
 from lmforge.tools.teach import (
     answer_is_correct,
     arithmetic_problems,
@@ -88,28 +86,6 @@ def test_records_pass_the_sft_loader_and_render_like_inference(default_model_pat
     assert ex.messages[3]["content"] in trained  # so is the final answer
     assert p.question not in trained and "<tool_response>" not in trained  # user text and results are not
     assert "<tools>" not in trained
-
-
-def test_fact_records_use_real_search_results(tmp_path):
-    pytest.importorskip("sqlite3")
-    from lmforge.tools.search import build_index
-    from lmforge.tools.teach import fact_record, make_facts, write_fact_corpus
-
-    facts = make_facts(20, seed=0)
-    assert len({(f.kind, f.subject) for f in facts}) == 20
-    corpus = write_fact_corpus(facts, tmp_path / "docs")
-    index = tmp_path / "index.sqlite"
-    build_index(corpus, index)
-    found = 0
-    for f in facts[:8]:
-        rec = fact_record(f, index)
-        call = rec["messages"][1]["tool_calls"][0]
-        assert call["function"]["name"] == "search"
-        result, answer = rec["messages"][2]["content"], rec["messages"][3]["content"]
-        if f.value in result:
-            found += 1
-            assert answer == f.sentence
-    assert found >= 6  # BM25 over one-fact lines finds (nearly) every fact by its subject
 
 
 def test_tiny_model_sft_step_on_tool_conversations(default_model_path, tmp_path):

@@ -11,16 +11,32 @@ A calculator conversation is OpenAI chat format, the same shape `LM.chat_with_to
     tool       "440040051"                (computed by lmforge's own calculator, never by hand)
     assistant  "48213 * 9127 = 440040051."
 
-Every record carries `tools` (the calculator's schema), so the SFT renderer puts exactly the
-system prompt that `chat_with_tools` renders at inference (`render_tools_system_prompt`) in
-front of it: training and inference prompts are identical, token for token.
+Every record carries `tools` (the tools' schemas), so the SFT renderer puts exactly the system
+prompt that `chat_with_tools` renders at inference (`render_tools_system_prompt`) in front of it:
+training and inference prompts are identical, token for token.
 
-Fact look-up conversations (second priority) use the `search` tool over a tiny generated corpus
-of made-up facts (so the model cannot know them): `fact_corpus(seed)` writes the files,
-`fact_record` gives user question -> search call -> real search result -> answer.
+Document look-up conversations use the `search` tool over a generated folder of small notes
+about made-up places, people and projects (names built from random syllables, random numbers:
+nothing a model can know):
+
+    docs = lookup_corpus(90, seed=1)                  # [Doc]: places/kalomira.md, people/...
+    write_corpus(docs, "notes/"); build_index("notes/", "index.sqlite")
+    qs = lookup_questions(docs, 120, seed=1)          # [LookupQuestion]: one fact of one file
+    rec = lookup_record(q, "index.sqlite", tools=...)
+
+    user       "Who is the mayor of Kalomira?"
+    assistant  tool_calls: search {"query": "Kalomira mayor", "k": 3}
+    tool       the real search result over the index: "[1] places/kalomira.md, line 1 ...: # Kalomira ..."
+    assistant  "The mayor of Kalomira is Dunsel Marov (source: places/kalomira.md)."
+
+`lookup_check` scores a reply: the fact is there, and the file that holds it is cited (and no
+other file). A held-out corpus (`lookup_corpus(..., avoid=train names)`) has entities that no
+training file mentions, so a model can only answer by searching.
 
 Problems are drawn from a seeded `random.Random`, so train and held-out sets come from disjoint
 seeds; `problem_key` lets a caller drop any held-out problem that a train seed also drew.
+`tool_loops_batched` runs many tool conversations at once (for eval) exactly as
+`run_tool_loop` runs one.
 """
 from __future__ import annotations
 
@@ -110,8 +126,9 @@ def calculator_schemas() -> list[dict]:
     return [t.schema() for t in get_tools("calculator")]
 
 
-def calculator_record(p: ArithmeticProblem, call_id: str = "call_0") -> dict:
-    """One SFT record: question, calculator call, the calculator's real result, the answer."""
+def calculator_record(p: ArithmeticProblem, call_id: str = "call_0", tools: list[dict] | None = None) -> dict:
+    """One SFT record: question, calculator call, the calculator's real result, the answer.
+    `tools`: the schemas the prompt lists (default: the calculator's alone)."""
     from lmforge.tools.calculator import calculate
 
     result = calculate(p.expression)
@@ -127,7 +144,7 @@ def calculator_record(p: ArithmeticProblem, call_id: str = "call_0") -> dict:
             {"role": "tool", "tool_call_id": call_id, "content": result},
             {"role": "assistant", "content": answer},
         ],
-        "tools": calculator_schemas(),
+        "tools": tools if tools is not None else calculator_schemas(),
     }
 
 
@@ -152,76 +169,307 @@ def answer_is_correct(text: str, expected: int) -> bool:
     return expected in integers_in(text)
 
 
-# -- fact look-up with the search tool (second priority) ----------------------------------------
-_SYLL = ["ka", "lo", "mi", "ra", "ven", "tor", "sel", "dun", "bri", "zo", "pel", "mar", "qui", "fen", "gal", "thu"]
-FACT_KINDS = [
-    ("capital", "The capital of {x} is {y}.", "What is the capital of {x}?"),
-    ("river", "The longest river in {x} is the {y}.", "What is the longest river in {x}?"),
-    ("founder", "{x} was founded by {y}.", "Who founded {x}?"),
-]
+# -- document look-up with the search tool ------------------------------------------------------
+_SYLL = ["ka", "lo", "mi", "ra", "ven", "tor", "sel", "dun", "bri", "zo", "pel", "mar", "qui", "fen", "gal", "thu",
+         "nor", "esk", "vi", "da", "rul", "om", "tan", "ceb", "ly", "sor", "haz", "pim", "ule", "grot"]
+_JOBS = ["botanist", "carpenter", "pilot", "librarian", "glassblower", "surveyor", "beekeeper", "cartographer",
+         "violin maker", "translator", "geologist", "baker", "watchmaker", "archivist", "ferry captain"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"]
+QUESTION_PREFIXES = ["", "", "According to my notes, ", "Look in my documents: ", "Search my files: ", "In my notes, "]
+CITE = "(source: {path})"
+NAME_ATTRIBUTES = {"mayor", "river", "home", "lead"}  # values that are made-up names
 
 
 @dataclass(frozen=True)
-class Fact:
+class Attribute:
+    """One fact a document of some kind states, and how to ask for it and answer it."""
+
+    name: str
+    line: str  # the document's line, "{v}" the value
+    questions: tuple[str, ...]  # "{x}" the subject
+    query_word: str  # the search query is "<subject> <query_word>"
+    answer: str  # "{x}" subject, "{v}" value; the citation is appended
+
+
+# kind -> (folder, title lines, attributes). Every document states all attributes of its kind.
+LOOKUP_KINDS: dict[str, tuple[str, str, tuple[Attribute, ...]]] = {
+    "place": ("places", "# {x}\n{x} is a small town.", (
+        Attribute("population", "Population: {v}.", ("What is the population of {x}?", "How many people live in {x}?"),
+                  "population", "{x} has a population of {v}"),
+        Attribute("founded", "Founded in {v}.", ("When was {x} founded?", "In what year was {x} founded?"),
+                  "founded", "{x} was founded in {v}"),
+        Attribute("mayor", "Mayor: {v}.", ("Who is the mayor of {x}?", "Who is {x}'s mayor?"), "mayor",
+                  "The mayor of {x} is {v}"),
+        Attribute("river", "It lies on the {v} river.", ("Which river is {x} on?", "What river flows through {x}?"),
+                  "river", "{x} lies on the {v} river"),
+    )),
+    "person": ("people", "# {x}", (
+        Attribute("job", "Occupation: {v}.", ("What does {x} do for a living?", "What is {x}'s job?"), "occupation",
+                  "{x} works as a {v}"),
+        Attribute("born", "Born in {v}.", ("When was {x} born?", "What year was {x} born in?"), "born",
+                  "{x} was born in {v}"),
+        Attribute("home", "Lives in {v}.", ("Where does {x} live?", "Which town does {x} live in?"), "lives",
+                  "{x} lives in {v}"),
+        Attribute("badge", "Employee number: {v}.", ("What is {x}'s employee number?", "What employee number does {x} have?"),
+                  "employee number", "{x}'s employee number is {v}"),
+    )),
+    "project": ("projects", "# Project {x}", (
+        Attribute("budget", "Budget: {v} euros.", ("What is the budget of project {x}?", "How much money does project {x} have?"),
+                  "budget", "The budget of project {x} is {v} euros"),
+        Attribute("lead", "Project lead: {v}.", ("Who leads project {x}?", "Who is the lead of project {x}?"), "lead",
+                  "Project {x} is led by {v}"),
+        Attribute("deadline", "Deadline: {v}.", ("When is the deadline of project {x}?", "What is project {x}'s deadline?"),
+                  "deadline", "The deadline of project {x} is {v}"),
+        Attribute("room", "Meeting room: {v}.", ("Which room does project {x} meet in?", "Where does project {x} meet?"),
+                  "meeting room", "Project {x} meets in room {v}"),
+    )),
+}
+
+
+@dataclass(frozen=True)
+class Doc:
     kind: str
     subject: str
+    relpath: str  # inside the corpus folder, as the search tool cites it
+    facts: tuple[tuple[str, str], ...]  # (attribute name, value)
+
+    @property
+    def text(self) -> str:
+        folder, title, attrs = LOOKUP_KINDS[self.kind]
+        values = dict(self.facts)
+        return "\n".join([title.format(x=self.subject)] + [a.line.format(v=values[a.name]) for a in attrs]) + "\n"
+
+    def names(self) -> set[str]:
+        """The made-up words of the document (its subject and the names it states), lower-cased,
+        for keeping a held-out corpus apart from a training one."""
+        named = [v for k, v in self.facts if k in NAME_ATTRIBUTES]
+        return {w.lower() for w in re.findall(r"[A-Za-z]+", " ".join([self.subject, *named]))}
+
+
+@dataclass(frozen=True)
+class LookupQuestion:
+    doc: Doc
+    attribute: str
     value: str
-    sentence: str
     question: str
+    query: str
+    answer: str  # the reference reply, citation included
 
 
-def _name(rng: random.Random) -> str:
-    return "".join(rng.choice(_SYLL) for _ in range(rng.randint(2, 3))).capitalize()
+def _word(rng: random.Random, lo: int = 2, hi: int = 3) -> str:
+    return "".join(rng.choice(_SYLL) for _ in range(rng.randint(lo, hi))).capitalize()
 
 
-def make_facts(n: int, seed: int) -> list[Fact]:
-    """`n` made-up facts about made-up places (unique subjects per kind)."""
+def lookup_corpus(n_docs: int, seed: int, avoid: set[str] | frozenset[str] = frozenset()) -> list[Doc]:
+    """`n_docs` notes (places, people, projects in turn) about made-up entities, seeded.
+
+    Every made-up word (subject, names, rivers, towns) is new within the corpus and absent from
+    `avoid` (the lower-cased words of another corpus), and every value is stated once, so each
+    fact lives in exactly one file. People live in, and projects are led by, entities of the same
+    corpus where there are some, so searches also return neighbouring files.
+    """
     rng = random.Random(seed)
-    facts, seen = [], set()
-    while len(facts) < n:
-        kind, sent, q = rng.choice(FACT_KINDS)
-        x, y = _name(rng), _name(rng)
-        if (kind, x) in seen:
-            continue
-        seen.add((kind, x))
-        facts.append(Fact(kind, x, y, sent.format(x=x, y=y), q.format(x=x)))
-    return facts
+    used = {w.lower() for w in avoid}
+    values_used: set[str] = set()
+
+    def fresh_word() -> str:
+        while True:
+            w = _word(rng)
+            if w.lower() not in used:
+                used.add(w.lower())
+                return w
+
+    def fresh(make) -> str:
+        while True:
+            v = make()
+            if v not in values_used:
+                values_used.add(v)
+                return v
+
+    kinds = list(LOOKUP_KINDS)
+    docs: list[Doc] = []
+    places: list[str] = []
+    people: list[str] = []
+    for i in range(n_docs):
+        kind = kinds[i % len(kinds)]
+        if kind == "place":
+            x = fresh_word()
+            facts = {"population": fresh(lambda: str(rng.randint(1200, 980000))),
+                     "founded": fresh(lambda: str(rng.randint(1100, 1950))),
+                     "mayor": f"{fresh_word()} {fresh_word()}", "river": fresh_word()}
+            places.append(x)
+        elif kind == "person":
+            x = f"{fresh_word()} {fresh_word()}"
+            home = rng.choice(places) if places and rng.random() < 0.7 else fresh_word()
+            facts = {"job": rng.choice(_JOBS), "born": fresh(lambda: str(rng.randint(1940, 2004))),
+                     "home": home, "badge": fresh(lambda: str(rng.randint(10000, 99999)))}
+            people.append(x)
+        else:
+            x = fresh_word()
+            lead = rng.choice(people) if people and rng.random() < 0.7 else f"{fresh_word()} {fresh_word()}"
+            facts = {"budget": fresh(lambda: str(rng.randint(20, 9000) * 1000)), "lead": lead,
+                     "deadline": fresh(lambda: f"{rng.choice(_MONTHS)} {rng.randint(2027, 2039)}"),
+                     "room": fresh(lambda: f"{rng.choice('ABCDEFGH')}{rng.randint(100, 499)}")}
+        folder = LOOKUP_KINDS[kind][0]
+        slug = x.lower().replace(" ", "_")
+        docs.append(Doc(kind, x, f"{folder}/{slug}.md", tuple(facts.items())))
+    return docs
 
 
-def write_fact_corpus(facts: list[Fact], folder: str | Path, per_file: int = 10) -> Path:
-    """The facts as small text files (one fact per line) for `lmforge.tools.search.build_index`."""
+def corpus_names(docs: list[Doc]) -> set[str]:
+    return set().union(*(d.names() for d in docs)) if docs else set()
+
+
+def write_corpus(docs: list[Doc], folder: str | Path) -> Path:
+    """The notes as Markdown files under `folder` (for `lmforge index build --data folder`)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(0, len(facts), per_file):
-        (folder / f"facts_{i // per_file:03d}.txt").write_text("\n".join(f.sentence for f in facts[i:i + per_file]) + "\n")
+    for d in docs:
+        path = folder / d.relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(d.text, encoding="utf-8")
     return folder
 
 
-def search_schemas(index: str | Path) -> list[dict]:
-    from lmforge.tools import get_tools
+def lookup_questions(docs: list[Doc], n: int, seed: int) -> list[LookupQuestion]:
+    """`n` questions, each about one fact of one document (distinct (doc, attribute) pairs while
+    they last), with varied phrasings and prefixes; the reference answer cites the file."""
+    rng = random.Random(seed)
+    pairs = [(d, a) for d in docs for a in LOOKUP_KINDS[d.kind][2]]
+    rng.shuffle(pairs)
+    # one question per document first, then the rest: the set covers as many files as it can
+    seen, first, rest = set(), [], []
+    for d, a in pairs:
+        (rest if d.relpath in seen else first).append((d, a))
+        seen.add(d.relpath)
+    out = []
+    for d, a in (first + rest)[:n]:
+        q = rng.choice(a.questions).format(x=d.subject)
+        prefix = rng.choice(QUESTION_PREFIXES)
+        if prefix:
+            q = prefix + q[0].lower() + q[1:]
+        value = dict(d.facts)[a.name]
+        answer = a.answer.format(x=d.subject, v=value) + " " + CITE.format(path=d.relpath) + "."
+        out.append(LookupQuestion(d, a.name, value, q, f"{d.subject} {a.query_word}", answer))
+    return out
 
-    return [t.schema() for t in get_tools("search", index=str(index))]
 
-
-def fact_record(f: Fact, index: str | Path, call_id: str = "call_0") -> dict:
-    """Question -> search call -> the real search result over `index` -> answer naming the value."""
+def lookup_record(q: LookupQuestion, index: str | Path, tools: list[dict] | None = None, k: int = 3,
+                  call_id: str = "call_0") -> dict:
+    """Question -> search call -> the real search result over `index` -> the cited answer.
+    Raises when the result does not show the fact and its file (the data would teach guessing).
+    `tools`: the schemas the prompt lists (default: the search tool's alone)."""
     from lmforge.tools import get_tools
     from lmforge.tools.protocol import execute_tool_call
 
-    tools = get_tools("search", index=str(index))
-    query = f.question.rstrip("?").replace("What is the ", "").replace("Who founded ", "founder ")
-    call = {"id": call_id, "type": "function", "function": {"name": "search", "arguments": json.dumps({"query": query, "k": 2})}}
-    result = execute_tool_call(call, tools)["content"]
-    answer = f.sentence if f.value in result else "I could not find that in your documents."
+    search_tools = get_tools("search", index=str(index))
+    call = {"id": call_id, "type": "function",
+            "function": {"name": "search", "arguments": json.dumps({"query": q.query, "k": k})}}
+    result = execute_tool_call(call, search_tools)["content"]
+    if q.doc.relpath not in result or q.value not in result:
+        raise ValueError(f"search for {q.query!r} does not show {q.value!r} from {q.doc.relpath}")
     return {
         "messages": [
-            {"role": "user", "content": f.question},
+            {"role": "user", "content": q.question},
             {"role": "assistant", "content": "", "tool_calls": [call]},
             {"role": "tool", "tool_call_id": call_id, "content": result},
-            {"role": "assistant", "content": answer},
+            {"role": "assistant", "content": q.answer},
         ],
-        "tools": [t.schema() for t in tools],
+        "tools": tools if tools is not None else [t.schema() for t in search_tools],
     }
+
+
+def tool_schemas_for(names: str, index: str | Path | None = None) -> list[dict]:
+    """The schemas `chat_with_tools(tools=names)` lists (the index does not change them)."""
+    from lmforge.tools import get_tools
+
+    return [t.schema() for t in get_tools(names, **({"index": str(index)} if index else {}))]
+
+
+# -- checking cited answers -----------------------------------------------------------------------
+_CITED = re.compile(r"[\w\-./]*\w\.(?:md|txt|markdown|rst|html?|pdf)\b", re.I)
+
+
+def cited_files(text: str) -> list[str]:
+    """File paths named in a reply (anything ending in a document suffix), in order."""
+    return [m.group(0).lstrip("./") for m in _CITED.finditer(text or "")]
+
+
+def value_in(text: str, value: str) -> bool:
+    """The value is stated: a whole number (thousands separators allowed) or the words, any case."""
+    if value.isdigit():
+        return int(value) in integers_in(text)
+    return re.search(r"(?<!\w)" + re.escape(value.lower()) + r"(?!\w)", (text or "").lower()) is not None
+
+
+def lookup_check(text: str, value: str, relpath: str) -> dict:
+    """{"fact": the value is in the reply, "cited": the reply names the file holding it and no
+    other file, "correct": both}."""
+    files = {f.lower() for f in cited_files(text)}
+    fact = value_in(text, value)
+    cited = relpath.lower() in files and len(files) == 1
+    return {"fact": fact, "cited": cited, "correct": fact and cited}
+
+
+# -- many tool conversations at once (eval) -------------------------------------------------------
+def tool_round(text: str, messages: list[dict], tools, at_limit: bool = False) -> bool:
+    """Append one assistant turn (and its tool results) exactly as `run_tool_loop` does; True when
+    the model answered without a call (the conversation is finished)."""
+    from lmforge.tools.protocol import CALL_CLOSE, CALL_OPEN, execute_tool_call, parse_tool_calls, tool_error_message
+
+    base = sum(len(m.get("tool_calls") or []) for m in messages if m["role"] == "assistant")
+    content, calls, errors = parse_tool_calls(text or "", start_index=base)
+    if not calls and not errors:
+        messages.append({"role": "assistant", "content": text})
+        return True
+    bad = {e["id"]: e for e in errors}
+    ordered = sorted(calls + [{"id": e["id"]} for e in errors], key=lambda c: int(c["id"].split("_")[1]))
+    tool_calls, results = [], []
+    for c in ordered:
+        if at_limit:  # the loop's last round: calls are answered with an error, not run
+            steps = sum(1 for m in messages if m["role"] == "assistant" and m.get("tool_calls"))
+            tool_calls.append(c if c["id"] not in bad else {"id": c["id"], "type": "function",
+                                                             "function": {"name": "", "arguments": bad[c["id"]]["raw"]}})
+            results.append(tool_error_message(c["id"], f"step limit reached ({steps} rounds of tool calls); answer without tools"))
+        elif c["id"] in bad:
+            e = bad[c["id"]]
+            tool_calls.append({"id": c["id"], "type": "function", "function": {"name": "", "arguments": e["raw"]}})
+            results.append(tool_error_message(c["id"], f"malformed tool call: {e['message']}. Write {CALL_OPEN}"
+                                              f"{{\"name\": ..., \"arguments\": {{...}}}}{CALL_CLOSE}"))
+        else:
+            tool_calls.append(c)
+            results.append(execute_tool_call(c, tools))
+    messages.append({"role": "assistant", "content": content or None, "tool_calls": tool_calls})
+    messages.extend(results)
+    return False
+
+
+def tool_loops_batched(lm, questions: list[str], tools, max_new_tokens: int, max_steps: int, batch: int,
+                       log=print) -> list[list[dict]]:
+    """`lm.chat_with_tools` for many questions at once (greedy): each round, every unfinished
+    conversation is rendered with the tools' schemas and decoded in one batch (stopping at
+    `</tool_call>`), then its calls are run as `run_tool_loop` runs them. Batching only changes
+    speed (callers check it against `chat_with_tools` on a sample). Returns the new messages."""
+    from lmforge.engine import SamplingParams, generate_text
+    from lmforge.tools.protocol import STOP_STRINGS
+
+    schemas = [t.schema() for t in tools]
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop=list(STOP_STRINGS))
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    active = list(range(len(convs)))
+    for step in range(max_steps + 1):
+        texts: dict[int, str] = {}
+        for i in range(0, len(active), batch):
+            rows = active[i:i + batch]
+            prompts = [lm.encode_chat(convs[r], tools=schemas) for r in rows]
+            for r, out in zip(rows, generate_text(lm.model, lm.tokenizer, prompts, params)):
+                texts[r] = out["text"]
+            if log:
+                log(f"  round {step + 1}: {min(i + batch, len(active))}/{len(active)}")
+        active = [r for r in active if not tool_round(texts[r], convs[r], tools, at_limit=step == max_steps)]
+        if not active or step == max_steps:
+            break
+    return [c[1:] for c in convs]
 
 
 def write_jsonl(records: list[dict], path: str | Path) -> Path:
