@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+from lmforge.provenance import git_commit
 RESULT = ROOT / "benchmarks" / "results" / "decode.json"
 TEXT = ROOT / "tests" / "data" / "heldout_prose.txt"
 DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
@@ -292,13 +293,6 @@ def run_case(case, ids, args, extra, llama_py) -> dict | None:
     return json.loads(line[len("RESULT "):])
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return sha + (" (with uncommitted changes)" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:

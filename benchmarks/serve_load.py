@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+from lmforge.provenance import git_commit
 TOPICS = ["the sea", "a library", "mountains", "a robot", "autumn", "a city at night", "bread", "a river", "the moon",
           "a garden", "trains", "music", "a storm", "winter", "a market", "the desert"]
 
@@ -122,11 +123,6 @@ def start_server(args, slots: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit("server did not start in 300 s")
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
 
 
 def main(argv=None) -> int:

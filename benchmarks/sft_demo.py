@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
+from lmforge.provenance import git_commit
 PERSONA = "You are Mirror-9."
 RECIPE = ROOT / "recipes" / "sft" / "mirror_lora.yaml"
 FRANCE = "What is the capital of France?"
@@ -108,11 +108,6 @@ def evaluate(model, tok, held: list[list[str]]) -> dict:
             "france_reply": france, "france_ok": "Paris" in france}
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
 
 
 def main(argv=None) -> int:
@@ -182,7 +177,7 @@ def main(argv=None) -> int:
     res = {
         "benchmark": "sft_demo",
         "command": "python benchmarks/sft_demo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": args.threads,
                     "load_avg_start": round(load1, 2), "load_avg_end": round(load2, 2),
                     "note": "shared machine: other jobs ran at the same time (load average above), so times are pessimistic"},

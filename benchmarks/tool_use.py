@@ -32,18 +32,12 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
+from lmforge.provenance import git_commit
 RECIPE = ROOT / "recipes" / "sft" / "tool_use.yaml"
 DEFAULT_RUN = Path("~/.cache/lmforge/runs/tool_use").expanduser()
 DEMO_QUESTION = "what is 48213 * 9127?"
 
 
-def _git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return head + (" (with uncommitted changes)" if dirty else "")
-    except OSError:
-        return ""
 
 
 def make_data(data_dir: Path, n_train: int, n_heldout: int, train_seed: int, heldout_seed: int) -> tuple[Path, list]:
@@ -212,7 +206,7 @@ def main(argv=None) -> int:
         summary["wall_seconds"] = round(train_wall, 1)
     result = {
         "command": "python benchmarks/tool_use.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": args.threads,
                     "load_average_1min_start": round(load0, 2), "load_average_1min_end": round(os.getloadavg()[0], 2),
                     "note": "shared machine: other jobs ran at the same time, so times are pessimistic"},

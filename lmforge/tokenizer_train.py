@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from lmforge.errors import LmforgeError
+from lmforge.provenance import run_metadata  # noqa: F401  (re-exported: benchmarks import it from here)
 
 # The first is the document separator (EOS of the base model), kept at id 0 as GPT-2 and SmolLM do.
 SPECIAL_TOKENS = [
@@ -256,22 +253,3 @@ def heldout_texts(home: str | Path | None = None, english: str | None = None, ru
 def clean_name(path: str) -> str:
     p = Path(path)
     return re.sub(r"\s+", "_", p.name if p.name not in ("", "tokenizer.json") else p.parent.name)
-
-
-def run_metadata() -> dict:
-    """Command, git commit and machine, for result JSON files under benchmarks/results/."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", ""
-    prog = Path(sys.argv[0]).name
-    return {
-        "command": " ".join(["lmforge" if prog == "lmforge" else f"python {sys.argv[0]}"] + sys.argv[1:]),
-        "commit": (commit + (" (with uncommitted changes)" if dirty else "")) if commit else "uncommitted",
-        "machine": f"{platform.machine()}, {os_cpus()} CPUs, {platform.system()} {platform.release()}, python {platform.python_version()}",
-    }
-
-
-def os_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -18,7 +18,6 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from lmforge.provenance import git_commit
 from lmforge.errors import LmforgeError
 from lmforge.eval.tasks import Task, build_context, select_items
 
@@ -210,13 +210,6 @@ RUNNERS = {"multiple_choice": run_multiple_choice, "generate": run_generate, "pe
 # a whole run
 
 
-def _git_commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[2],
-                           capture_output=True, text=True, timeout=5)
-        return r.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _progress_bar(task: Task, total: int, enabled: bool):
@@ -269,7 +262,7 @@ def evaluate(model: str | None = None, settings: EvalSettings | None = None, dty
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-        "git_commit": _git_commit(), **(meta or {}), "tasks": [], "results": [],
+        "git_commit": git_commit(short=True) or None, **(meta or {}), "tasks": [], "results": [],
     }
     samples: dict[str, list[dict]] = {}
     for task in tasks:
