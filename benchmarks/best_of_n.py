@@ -1,15 +1,17 @@
 """Thinking slower: accuracy against N for best-of-N (reward-model reranking) and self-consistency
-(majority vote), next to pass@N, on held-out 2-digit addition.
+(majority vote), next to pass@N, on held-out addition problems.
 
-    python benchmarks/best_of_n.py --policy runs/sft/checkpoints/step-000300      # any lmforge model
-    python benchmarks/best_of_n.py --policy P --rm runs/rm                           # reuse a reward model
+    python benchmarks/best_of_n.py --rm runs/rm-arith                                # the default model as policy
+    python benchmarks/best_of_n.py --policy runs/sft/checkpoints/step-000300 --rm R  # any lmforge model
+    python benchmarks/best_of_n.py --digits-b 1                                      # trains the reward model first
 
-Without --rm, a reward model is trained first with `lmforge rm train` on generated comparisons
-(correct vs perturbed sums), using the policy as its backbone (full finetuning); its held-out
-pairwise accuracy is recorded (the reward-model bar: >= 80 %). Then for each held-out problem
-N_max answers are sampled (temperature 1, one batched call), and for N = 1, 2, 4, ... the first N
-are used: pass@N (any correct), vote@N (the majority answer), best-of-N (the reward model's top).
-Writes benchmarks/results/best_of_n.json and prints a table.
+Without --rm, a reward model is trained first with `lmforge rm train` and the recipe
+recipes/rm/arithmetic.yaml (the default model + LoRA on correct vs perturbed sums; see
+benchmarks/reward_model.py for its own measurement), unless --rm-backbone policy asks for the
+policy as its backbone. Held-out problems come from the split the reward model never trains on.
+For each, N_max answers are sampled (temperature 1, one batched call), and for N = 1, 2, 4, ...
+the first N are used: pass@N (any correct), vote@N (the majority answer), best-of-N (the reward
+model's top). Writes benchmarks/results/best_of_n.json and prints a table.
 """
 from __future__ import annotations
 
@@ -27,37 +29,38 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.rl_arithmetic import git_commit, machine  # noqa: E402
 
 
-def train_rm(policy: str, out: Path, args) -> tuple[str, dict]:
+def train_rm(policy: str | None, out: Path, args) -> tuple[str, dict]:
     from lmforge.align.reward_model import RMConfig, run_rm
-    from lmforge.config import from_dict
+    from lmforge.config import from_dict, load_yaml
 
-    cfg = from_dict(RMConfig, {
-        "model": policy, "out": str(out), "method": args.rm_method, "batch_size": 16, "max_seq_len": 128, "seed": args.seed,
-        "task": {"name": "arithmetic", "n": args.rm_pairs, "n_eval": args.rm_eval, "digits": 2, "digits_b": args.digits_b, "ops": "+"},
-        "train": {"lr": args.rm_lr, "warmup_steps": 20, "max_steps": args.rm_steps, "eval_every": 100, "log_every": 20,
-                  "schedule": "cosine"},
-    })
+    raw = load_yaml(args.rm_recipe)
+    raw.update(out=str(out), seed=args.seed)
+    raw.setdefault("task", {})["digits_b"] = args.digits_b
+    if args.rm_backbone == "policy":
+        raw["model"] = policy
+    if args.rm_steps:
+        raw.setdefault("train", {})["max_steps"] = args.rm_steps
+    cfg = from_dict(RMConfig, raw)
     t0 = time.time()
     res = run_rm(cfg, progress=False)
     return str(out), {"heldout": res["heldout"], "steps": res["step"], "wall_s": round(time.time() - t0, 1),
-                      "pairs": args.rm_pairs, "method": args.rm_method, "lr": args.rm_lr}
+                      "recipe": args.rm_recipe, "backbone": cfg.model or "default", "method": cfg.method, "lr": cfg.train.lr}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", default=None, help="model to sample from (default: the default model)")
     ap.add_argument("--rm", default="", help="a trained reward model (default: train one)")
-    ap.add_argument("--rm-steps", type=int, default=400)
-    ap.add_argument("--rm-pairs", type=int, default=3000)
-    ap.add_argument("--rm-lr", type=float, default=1e-3)
-    ap.add_argument("--rm-method", default="full")
-    ap.add_argument("--rm-eval", type=int, default=150, help="held-out pairs for the reward model")
+    ap.add_argument("--rm-recipe", default=str(ROOT / "recipes" / "rm" / "arithmetic.yaml"), help="recipe to train one")
+    ap.add_argument("--rm-backbone", choices=("recipe", "policy"), default="recipe",
+                    help="the recipe's backbone (the default model) or the policy")
+    ap.add_argument("--rm-steps", type=int, default=0, help="override the recipe's train.max_steps")
     ap.add_argument("--n-problems", type=int, default=100)
-    ap.add_argument("--digits-b", type=int, default=0, help="digits of the second operand (0 = 2)")
+    ap.add_argument("--digits-b", type=int, default=1, help="digits of the second operand (0 = 2)")
     ap.add_argument("--n-max", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/lmforge-best-of-n")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "best_of_n.json"))
@@ -72,11 +75,14 @@ def main() -> None:
     from lmforge.loading import load_model
 
     info = {"benchmark": "best_of_n", "command": " ".join(sys.argv), "commit": git_commit(), "machine": machine(),
-            "policy": args.policy or "default", "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "policy": args.policy or "default", "reward_model_path": args.rm or "trained below",
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.time()
     rm_path = args.rm
     if not rm_path:
         rm_path, info["reward_model"] = train_rm(args.policy, Path(args.out) / "rm", args)
+    elif (Path(rm_path) / "rm_eval.json").exists():  # a run folder of `lmforge rm train`: its held-out numbers
+        info["reward_model"] = json.loads((Path(rm_path) / "rm_eval.json").read_text())
     rm, rm_tok = load_reward_model(rm_path)
     model, tok = load_model(args.policy)
     held = arithmetic_problems(args.n_problems, args.seed + 7, 2, "+", "heldout", digits_b=args.digits_b)

@@ -175,30 +175,18 @@ class DPOConfig:
 def run_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     """DPO with the one trainer; reference log-probs computed once (saved as ref_logps.pt)."""
     import dataclasses
-    import json
     from pathlib import Path
 
-    from lmforge.align.common import lm_save_fn, load_policy, prepare
-    from lmforge.align.preference import collate_pairs
-    from lmforge.align.reward_model import load_preference_rows
+    from lmforge.align.common import lm_save_fn, prepare
+    from lmforge.align.pairs import open_pair_run, pair_batches
     from lmforge.finetune.sft import base_model_id
-    from lmforge.train import ListBatches, train
+    from lmforge.train import train
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if cfg.loss == "robust" and not 0.0 <= cfg.label_smoothing < 0.5:
         raise LmforgeError("--loss robust needs 0 <= --label-smoothing < 0.5")
-    torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    model, tok = load_policy(cfg.model)
-    max_len = min(cfg.max_seq_len, model.cfg.max_seq_len)
-    pad_id = tok.pad_id if tok.pad_id is not None else 0
-    rows, val, report = load_preference_rows(cfg, tok, max_len)
-    print(f"data: {report.summary()}; {len(val)} held-out pairs")
-    for line in report.lines():
-        print(f"data: {line}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    model, tok, data = open_pair_run(cfg)
+    rows, val, pad_id = data.rows, data.val, data.pad_id
 
     # the reference = the model as loaded; computed once, kept with the rows and on disk
     cache = out / "ref_logps.pt"
@@ -215,7 +203,7 @@ def run_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     params, settings = prepare(model, cfg.method, cfg.lora)
     n_train = sum(p.numel() for p in {id(p): p for p in params}.values())
     print(f"DPO ({cfg.loss}, beta {cfg.beta}, {cfg.method}): {n_train:,} trainable of {model.num_parameters():,} parameters")
-    batches = ListBatches(rows, cfg.batch_size, collate=lambda xs: collate_pairs(xs, pad_id), seed=cfg.seed)
+    batches = pair_batches(rows, cfg.batch_size, pad_id, cfg.seed)
     tcfg = dataclasses.replace(cfg.train, seed=cfg.seed)
 
     def loss_fn(m, batch):

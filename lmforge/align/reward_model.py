@@ -9,8 +9,11 @@
 
 Layout as `transformers`' LlamaForSequenceClassification: the backbone's keys (`model.*`) and a
 bias-free `score.weight` [1, d_model]; the score is the head applied to the final-norm hidden
-state of the rightmost token that is not `pad_token_id` (as transformers picks it, so right or
-left padding both work and the scores are equal). The LM head is dropped.
+state of the last real token. With an `attention_mask` (1 = real token; lmforge's own batches
+always pass one) that is the rightmost position the mask marks, and left padding is hidden from
+attention, so a sequence scores the same padded on either side. Without a mask it is transformers'
+rule, the rightmost token that is not `pad_token_id`; beware that for chat models pad is often
+the end-of-turn token, which also stands inside every conversation. The LM head is dropped.
 """
 from __future__ import annotations
 
@@ -37,18 +40,30 @@ class RewardModel(Transformer):
     def new_cache(self, *a, **kw):  # pragma: no cover - a reward model never decodes
         raise LmforgeError("a reward model scores whole sequences; it has no generation cache")
 
-    def last_token_index(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rightmost position that is not padding (transformers' rule); the last one without a pad id."""
+    def last_token_index(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Index of the last real token per row: the rightmost 1 of `attention_mask`, else the
+        rightmost token that is not the pad id (transformers' rule), else the last position."""
         T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)[None]
+        if attention_mask is not None:
+            return (pos * attention_mask.to(idx.device).long()).argmax(-1)
         if self.pad_id is None:
             return torch.full((idx.shape[0],), T - 1, dtype=torch.long, device=idx.device)
-        keep = (idx != self.pad_id).long()
-        return (torch.arange(T, device=idx.device)[None] * keep).argmax(-1)
+        return (pos * (idx != self.pad_id).long()).argmax(-1)
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, positions=None, **_) -> torch.Tensor:
-        """Scores [B] (fp32) for token ids [B, T]."""
-        h = super().forward(idx, positions=positions, attention_mask=attention_mask, hidden_only=True)
-        last = self.last_token_index(idx)
+        """Scores [B] (fp32) for token ids [B, T]; `attention_mask` [B, T] marks real tokens."""
+        mask = None
+        if attention_mask is not None:
+            am = attention_mask.to(idx.device).long()
+            # right padding needs no mask (causal attention never looks ahead); padding before a real
+            # token (left padding) is hidden, and positions count real tokens only
+            if bool((am[:, 1:] > am[:, :-1]).any()):
+                mask = am
+                if positions is None:
+                    positions = (am.cumsum(-1) - 1).clamp(min=0)
+        h = super().forward(idx, positions=positions, attention_mask=mask, hidden_only=True)
+        last = self.last_token_index(idx, attention_mask)
         pooled = h[torch.arange(idx.shape[0], device=idx.device), last]
         return self.score(pooled).squeeze(-1).float()
 
@@ -68,12 +83,19 @@ def reward_model_from_lm(model: Transformer, pad_id: int | None = None, seed: in
     return rm.to(model.model.embed_tokens.weight.device)
 
 
+def length_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, T] attention mask (1 = real token) for right-padded rows of these lengths."""
+    return (torch.arange(T, device=lengths.device)[None] < lengths[:, None]).long()
+
+
 def pair_scores(rm: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen scores [B], rejected scores [B]) for a `collate_pairs` batch."""
+    """(chosen scores [B], rejected scores [B]) for a `collate_pairs` batch, each read at its
+    row's last real token (from `lengths`, never from the pad id)."""
     from lmforge.train.trainer import unwrap
 
     dev = unwrap(rm).model.embed_tokens.weight.device
-    s = rm(batch["input_ids"].to(dev))
+    idx = batch["input_ids"].to(dev)
+    s = rm(idx, attention_mask=length_mask(batch["lengths"].to(dev), idx.shape[1]))
     return s.chunk(2)
 
 
@@ -89,19 +111,30 @@ def bt_loss(rm: nn.Module, batch: dict, margin_reg: float = 0.0) -> tuple[torch.
 
 
 @torch.no_grad()
-def pairwise_accuracy(rm: nn.Module, rows: list[dict], pad_id: int, batch_size: int = 16) -> dict:
-    """Share of pairs whose chosen reply scores higher; mean margin; mean loss."""
+def pairwise_accuracy(rm: nn.Module, rows: list[dict], pad_id: int, batch_size: int = 16,
+                      groups: list[str] | None = None) -> dict:
+    """Share of pairs whose chosen reply scores higher; mean margin; mean loss. With `groups` (a
+    label per row, e.g. the kind of wrong answer) also `by_group`: {label: {accuracy, pairs}}."""
     from lmforge.align.preference import collate_pairs
 
-    correct, margin, loss, n = 0, 0.0, 0.0, 0
+    was = rm.training
+    rm.eval()
+    wins: list[bool] = []
+    margin, loss = 0.0, 0.0
     for i in range(0, len(rows), batch_size):
-        b = collate_pairs(rows[i:i + batch_size], pad_id)
-        rc, rr = pair_scores(rm, b)
-        correct += int((rc > rr).sum())
+        rc, rr = pair_scores(rm, collate_pairs(rows[i:i + batch_size], pad_id))
+        wins += (rc > rr).tolist()
         margin += float((rc - rr).sum())
         loss += float(-F.logsigmoid(rc - rr).sum())
-        n += len(rc)
-    return {"accuracy": correct / max(n, 1), "margin": margin / max(n, 1), "loss": loss / max(n, 1), "pairs": n}
+    rm.train(was)
+    n = max(len(wins), 1)
+    out = {"accuracy": sum(wins) / n, "margin": margin / n, "loss": loss / n, "pairs": len(wins)}
+    if groups is not None:
+        by: dict[str, list[bool]] = {}
+        for g, w in zip(groups, wins):
+            by.setdefault(g, []).append(w)
+        out["by_group"] = {g: {"accuracy": sum(v) / len(v), "pairs": len(v)} for g, v in sorted(by.items())}
+    return out
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -187,14 +220,20 @@ def score_conversations(rm: RewardModel, tokenizer, conversations: list[list[dic
 
 
 @torch.no_grad()
-def score_ids(rm: RewardModel, seqs: list[list[int]], pad: int | None = None, device=None) -> list[float]:
+def score_ids(rm: RewardModel, seqs: list[list[int]], pad: int | None = None, device=None,
+              padding_side: str = "right") -> list[float]:
+    """Scores of token-id sequences, batched with padding on `padding_side` and a mask, so each is
+    read at its own last token (the same score either side, and alone)."""
     pad = (rm.pad_id if rm.pad_id is not None else 0) if pad is None else pad
     device = device or rm.model.embed_tokens.weight.device
     T = max(len(s) for s in seqs)
     x = torch.full((len(seqs), T), pad, dtype=torch.long, device=device)
+    m = torch.zeros((len(seqs), T), dtype=torch.long, device=device)
     for j, s in enumerate(seqs):
-        x[j, :len(s)] = torch.tensor(s, device=device)
-    return [float(v) for v in rm(x)]
+        at = slice(T - len(s), T) if padding_side == "left" else slice(0, len(s))
+        x[j, at] = torch.tensor(s, device=device)
+        m[j, at] = 1
+    return [float(v) for v in rm(x, attention_mask=m)]
 
 
 # -- the command --------------------------------------------------------------------------------
@@ -202,6 +241,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Literal  # noqa: E402
 
 from lmforge.align.common import AlignTrainConfig, LoraArgs, TaskArgs  # noqa: E402
+from lmforge.align.pairs import load_preference_rows  # noqa: E402,F401  (moved; old imports keep working)
 
 
 @dataclass
@@ -222,6 +262,8 @@ class RMConfig:
     max_seq_len: int = 512
     batch_size: int = 8  # pairs per micro-batch
     margin_reg: float = 0.0  # λ·(r_c + r_r)²: keeps scores centred
+    perturb: str = ""  # generated task: kinds of wrong answer, comma-separated (ones,tens,swap,carry; default all)
+    pairs_per_problem: int = 1  # generated task: pairs per problem, each with another kind of wrong answer
     seed: int = 0
     threads: int = 0
     lora: LoraArgs = field(default_factory=LoraArgs)
@@ -238,89 +280,48 @@ def _merged_copy(rm: RewardModel) -> RewardModel:
     return merge_lora(copy.deepcopy(rm))
 
 
-def load_preference_rows(cfg, tok, max_len: int) -> tuple[list[dict], list[dict], object]:
-    """(train rows, held-out rows, report) from --data/--val-data or a generated task."""
-    from lmforge.align.common import write_jsonl
-    from lmforge.align.preference import load_pairs, tokenize_pairs
-    from lmforge.finetune.datasets import split_holdout
-
-    out = Path(cfg.out)
-    data, val_data = cfg.data, cfg.val_data
-    if cfg.task.name:
-        from lmforge.align.tasks import arithmetic_preferences
-
-        if data:
-            raise LmforgeError("give --data or --task.name, not both")
-        t = cfg.task
-        data = str(write_jsonl(out / "data" / "train_pairs.jsonl", arithmetic_preferences(t.n, cfg.seed, t.digits, t.ops, "train", t.digits_b)))
-        if not val_data:
-            val_data = str(write_jsonl(out / "data" / "heldout_pairs.jsonl",
-                                       arithmetic_preferences(t.n_eval, cfg.seed + 1, t.digits, t.ops, "heldout", t.digits_b)))
-    if not data:
-        raise LmforgeError("--data is required (preference JSONL), or --task.name arithmetic")
-    pairs, report = load_pairs(data, cfg.on_error)
-    rows, report = tokenize_pairs(tok, pairs, max_len, cfg.on_error, report)
-    val: list[dict] = []
-    if val_data:
-        vpairs, vrep = load_pairs(val_data, cfg.on_error)
-        val, _ = tokenize_pairs(tok, vpairs, max_len, cfg.on_error, vrep)
-    elif cfg.val_fraction > 0:
-        rows, val = split_holdout(rows, cfg.val_fraction, cfg.seed)
-    return rows, val, report
-
-
 def run_rm(cfg: RMConfig, progress: bool = True) -> dict:
     """Train a reward model on comparisons with the one trainer; save it as an HF folder."""
     import dataclasses
 
-    from lmforge.align.common import load_policy, prepare
-    from lmforge.align.preference import collate_pairs
-    from lmforge.train import ListBatches, train
+    from lmforge.align.common import prepare
+    from lmforge.align.pairs import open_pair_run, pair_batches, row_groups
+    from lmforge.train import train
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    lm, tok = load_policy(cfg.model)
-    max_len = min(cfg.max_seq_len, lm.cfg.max_seq_len)
-    pad_id = tok.pad_id if tok.pad_id is not None else 0
-    rows, val, report = load_preference_rows(cfg, tok, max_len)
-    print(f"data: {report.summary()}; {len(val)} held-out pairs")
-    for line in report.lines():
-        print(f"data: {line}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-
+    lm, tok, data = open_pair_run(cfg)
+    pad_id, val = data.pad_id, data.val
     rm = reward_model_from_lm(lm, pad_id=pad_id, seed=cfg.seed)
     del lm
     params, _ = prepare(rm, cfg.method, cfg.lora, extra_trainable=[rm.score.weight])
     n_train = sum(p.numel() for p in params)
     print(f"reward model ({cfg.method}): {n_train:,} trainable of {rm.num_parameters():,} parameters")
 
-    batches = ListBatches(rows, cfg.batch_size, collate=lambda xs: collate_pairs(xs, pad_id), seed=cfg.seed)
     tcfg = dataclasses.replace(cfg.train, seed=cfg.seed)
 
     def loss_fn(model, batch):
         return bt_loss(model, batch, cfg.margin_reg)
 
     eval_fn = None
-    if val:
+    if val and tcfg.eval_every > 0:  # with eval_every 0 the held-out pairs are scored once, below
         def eval_fn(m):
-            r = pairwise_accuracy(m, val, pad_id, cfg.batch_size)
+            r = pairwise_accuracy(m, val, pad_id, cfg.batch_size * 2)
             return {"val_accuracy": r["accuracy"], "val_loss": r["loss"], "val_margin": r["margin"]}
 
     def save_fn(m, d):
         save_reward_model(_merged_copy(m), tok, d)
 
-    result = train(rm, loss_fn, batches, tcfg, out, params=params, eval_fn=eval_fn, save_fn=save_fn, tokenizer=tok,
-                   config=dataclasses.replace(cfg, train=tcfg), progress=progress)
+    result = train(rm, loss_fn, pair_batches(data.rows, cfg.batch_size, pad_id, cfg.seed), tcfg, out, params=params,
+                   eval_fn=eval_fn, save_fn=save_fn, tokenizer=tok, config=dataclasses.replace(cfg, train=tcfg),
+                   progress=progress)
     final = {}
     if val:
-        rm.eval()
-        with torch.no_grad():
-            final = pairwise_accuracy(rm, val, pad_id, cfg.batch_size)
+        # the final numbers at the model's own precision (no autocast), per kind of wrong answer when known
+        final = pairwise_accuracy(rm, val, pad_id, cfg.batch_size * 2, groups=row_groups(val))
         (out / "rm_eval.json").write_text(json.dumps({"heldout": final, "steps": result["step"]}, indent=1) + "\n")
-        print(f"held-out pairwise accuracy {final['accuracy']:.3f} on {final['pairs']} pairs (margin {final['margin']:.3f})")
+        per = "; ".join(f"{g} {v['accuracy']:.3f}" for g, v in final.get("by_group", {}).items() if g)
+        print(f"held-out pairwise accuracy {final['accuracy']:.3f} on {final['pairs']} pairs (margin {final['margin']:.3f})"
+              + (f"; by kind: {per}" if per else ""))
     print(f"done: reward model in {result['checkpoint']} (score with: lmforge rm score --model {out} --data FILE)")
     result["heldout"] = final
     result["model"] = rm
