@@ -42,15 +42,3 @@ def tiny_model():
 
     torch.manual_seed(0)
     return Transformer(tiny_config()).init_weights(seed=0).eval()
-
-
-# The fast-inference, quantization and GGUF-export suites were finished while the machine was
-# shared with many jobs and could not be timed on an idle one in this session: they run in the
-# slow stage until they are measured within the default stage's budget.
-SLOW_FILES = ("test_fast_decode.py", "test_fast_speculative.py", "test_quant_accuracy.py", "test_export_gguf.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in SLOW_FILES:
-            item.add_marker(pytest.mark.slow)
