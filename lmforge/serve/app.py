@@ -82,6 +82,14 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _stream_end(base: dict, include_usage: bool, prompt_tokens: int, completion_tokens: int):
+    """The last events of every stream: the usage chunk when the client asked for it, then [DONE]."""
+    if include_usage:
+        yield _sse({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                                      "total_tokens": prompt_tokens + completion_tokens}})
+    yield "data: [DONE]\n\n"
+
+
 class BodyLimit:
     """ASGI middleware: refuse bodies over `limit` bytes with 413, before any parsing."""
 
@@ -686,11 +694,8 @@ async def _stream_chat(handle, prep: ChatPrep, meta: dict, sched: Scheduler, inc
             if piece and reason != "tool_calls":
                 yield chunk(i, {"content": piece})
             yield chunk(i, {}, finish=reason)
-        if include_usage:
-            prompt = len(prep.req.prompt)
-            yield _sse({**base, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                                          "total_tokens": prompt + completion}})
-        yield "data: [DONE]\n\n"
+        for event in _stream_end(base, include_usage, len(prep.req.prompt), completion):
+            yield event
     finally:  # the client went away (the response task is cancelled) or we are done: free the slots
         handle.cancel()
 
@@ -778,11 +783,8 @@ async def _stream_completion(handles, meta: dict, sched: Scheduler, echo, includ
                 yield _sse({**base, "choices": [{"index": idx, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish}]})
             if ev.finish is not None:
                 completion += ev.completion_tokens
-        if include_usage:
-            prompt = sum(len(h.req.prompt) for h in handles)
-            yield _sse({**base, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                                          "total_tokens": prompt + completion}})
-        yield "data: [DONE]\n\n"
+        for event in _stream_end(base, include_usage, sum(len(h.req.prompt) for h in handles), completion):
+            yield event
     finally:
         for h in handles:
             h.cancel()
@@ -864,11 +866,8 @@ async def _stream_system2_chat(handle, prep: ChatPrep, meta: dict, pick, include
         if out["text"]:
             yield chunk({"content": out["text"]})
         yield chunk({}, finish=reason, system2=_system2_info(out, pick.mode))
-        if include_usage:
-            prompt = len(prep.req.prompt)
-            yield _sse({**base, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                                          "total_tokens": prompt + completion}})
-        yield "data: [DONE]\n\n"
+        for event in _stream_end(base, include_usage, len(prep.req.prompt), completion):
+            yield event
     finally:
         handle.cancel()
 
@@ -907,11 +906,8 @@ async def _stream_system2_completion(handles, meta: dict, picks, echo, include_u
         finally:
             for t in tasks:
                 t.cancel()
-        if include_usage:
-            prompt = sum(len(h.req.prompt) for h in handles)
-            yield _sse({**base, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                                          "total_tokens": prompt + completion}})
-        yield "data: [DONE]\n\n"
+        for event in _stream_end(base, include_usage, sum(len(h.req.prompt) for h in handles), completion):
+            yield event
     finally:
         for h in handles:
             h.cancel()
