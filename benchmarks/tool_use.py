@@ -51,9 +51,12 @@ def make_data(data_dir: Path, n_train: int, n_heldout: int, train_seed: int, hel
     return path, held
 
 
-def train(data: Path, run: Path, minutes: float, threads: int) -> float:
-    cmd = [sys.executable, "-m", "lmforge.cli.main", "sft", "--config", str(RECIPE), "--data", str(data), "--out", str(run),
+def train(data: Path, run: Path, minutes: float, threads: int, recipe: Path = RECIPE, model: str | None = None,
+          extra: list[str] = ()) -> float:
+    """`lmforge sft` on `data` with `recipe`, capped at `minutes`; returns the wall time."""
+    cmd = [sys.executable, "-m", "lmforge.cli.main", "sft", "--config", str(recipe), "--data", str(data), "--out", str(run),
            "--threads", str(threads), "--train.time_limit_s", str(int(minutes * 60))]
+    cmd += (["--model", model] if model else []) + list(extra)
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -65,10 +68,16 @@ def training_summary(run: Path) -> dict:
     steps = [r for r in rows if "loss" in r]
     out = {"steps": steps[-1]["step"] if steps else 0, "first_loss": steps[0]["loss"] if steps else None,
            "last_loss": steps[-1]["loss"] if steps else None}
-    for key in ("elapsed_s", "time_s", "wall_s"):
-        if steps and key in steps[-1]:
-            out["train_seconds"] = steps[-1][key]
+    if steps and "elapsed_s" in steps[-1]:
+        out["train_seconds"] = steps[-1]["elapsed_s"]
+        out["tokens"] = steps[-1].get("tokens")
     return out
+
+
+def machine_block(threads: int, load_start: float) -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": threads,
+            "load_average_1min_start": round(load_start, 2), "load_average_1min_end": round(os.getloadavg()[0], 2),
+            "note": "shared machine: other jobs ran at the same time, so times are pessimistic"}
 
 
 def eval_no_tools(lm, held: list, max_new_tokens: int, batch: int) -> dict:
@@ -207,9 +216,7 @@ def main(argv=None) -> int:
     result = {
         "command": "python benchmarks/tool_use.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "git_commit": git_commit(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": args.threads,
-                    "load_average_1min_start": round(load0, 2), "load_average_1min_end": round(os.getloadavg()[0], 2),
-                    "note": "shared machine: other jobs ran at the same time, so times are pessimistic"},
+        "machine": machine_block(args.threads, load0),
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct (default, GGUF Q4_1 dequantized)",
         "eval_dtype": args.dtype,
         "recipe": str(RECIPE.relative_to(ROOT)),

@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,8 +38,12 @@ from pathlib import Path
 # Spinning OpenMP threads lose whole time slices on a shared machine; wait passively.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-ROOT = Path(__file__).resolve().parents[1]
 from lmforge.provenance import git_commit
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.tool_use import machine_block, train, training_summary  # noqa: E402
+
 RECIPE = ROOT / "recipes" / "sft" / "tool_use_search.yaml"
 DEFAULT_RUN = Path("~/.cache/lmforge/runs/tool_use_search").expanduser()
 TOOLS = "calculator,search"
@@ -87,27 +89,6 @@ def make_data(data_dir: Path, args) -> dict:
     leaked = sum(re.search(rf"\b{re.escape(d.subject.lower())}\b", train_text) is not None for d in held_docs)
     return {"train": train, "held_q": held_q, "held_a": held_a, "n_train_docs": len(train_docs), "leaked": leaked,
             "n_heldout_docs": len(held_docs), **paths}
-
-
-def train(data: Path, run: Path, minutes: float, threads: int, model: str | None = None, extra: list[str] = ()) -> float:
-    cmd = [sys.executable, "-m", "lmforge.cli.main", "sft", "--config", str(RECIPE), "--data", str(data), "--out", str(run),
-           "--threads", str(threads), "--train.time_limit_s", str(int(minutes * 60))]
-    cmd += (["--model", model] if model else []) + list(extra)
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    return time.time() - t0
-
-
-def training_summary(run: Path) -> dict:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in rows if "loss" in r]
-    out = {"steps": steps[-1]["step"] if steps else 0, "first_loss": steps[0]["loss"] if steps else None,
-           "last_loss": steps[-1]["loss"] if steps else None}
-    if steps and "elapsed_s" in steps[-1]:
-        out["train_seconds"] = steps[-1]["elapsed_s"]
-        out["tokens"] = steps[-1].get("tokens")
-    return out
 
 
 def _final(new: list[dict]) -> str:
@@ -229,7 +210,7 @@ def main(argv=None) -> int:
         return 0
     train_wall = None
     if args.stage in ("all", "train"):
-        train_wall = train(data["train"], run, args.minutes, args.threads, args.model, args.sft_args.split())
+        train_wall = train(data["train"], run, args.minutes, args.threads, RECIPE, args.model, args.sft_args.split())
         if args.stage == "train":
             return 0
 
@@ -281,9 +262,7 @@ def main(argv=None) -> int:
     result = {
         "command": "python benchmarks/tool_use_search.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "git_commit": git_commit(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": args.threads,
-                    "load_average_1min_start": round(load0, 2), "load_average_1min_end": round(os.getloadavg()[0], 2),
-                    "note": "shared machine: other jobs ran at the same time, so times are pessimistic"},
+        "machine": machine_block(args.threads, load0),
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct (default, GGUF Q4_1 dequantized)",
         "eval_dtype": args.dtype,
         "recipe": str(RECIPE.relative_to(ROOT)),
