@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from lmforge.errors import LmforgeError
+from lmforge.finetune.lora import LoraSettings
 from lmforge.train.trainer import TrainConfig
 
 
@@ -22,13 +23,8 @@ class TaskArgs:
     ops: str = "+"  # any of + - *
 
 
-@dataclass
-class LoraArgs:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    rslora: bool = False
+# the same LoRA flags as `lmforge sft`
+LoraArgs = LoraSettings
 
 
 @dataclass
@@ -76,18 +72,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def prepare(model, method: str, lora: LoraArgs, extra_trainable: list | None = None) -> tuple[list, object]:
     """(parameters to train, LoraSettings or None) for full finetuning or LoRA."""
-    from lmforge.finetune.lora import LoraSettings
     from lmforge.finetune.sft import prepare_model
 
     if method not in ("full", "lora"):
         raise LmforgeError(f"unknown method '{method}' (choose full or lora)")
-    settings = LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets, rslora=lora.rslora)
-    params = prepare_model(model, method, settings)
+    params = prepare_model(model, method, lora)
     for p in extra_trainable or []:
         p.requires_grad_(True)
         if all(p is not q for q in params):
             params.append(p)
-    return params, (settings if method == "lora" else None)
+    return params, (lora if method == "lora" else None)
 
 
 def lm_save_fn(tok, settings, base_id: str):
