@@ -42,3 +42,16 @@ def tiny_model():
 
     torch.manual_seed(0)
     return Transformer(tiny_config()).init_weights(seed=0).eval()
+
+
+def run_cli(capsys, *args):
+    """`lmforge ARGS` in this process (no interpreter and torch start-up per call): returncode,
+    stdout and stderr like subprocess.run's result."""
+    from types import SimpleNamespace
+
+    from lmforge.cli.main import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)

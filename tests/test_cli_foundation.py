@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_cli
 
 LMFORGE = [sys.executable, "-m", "lmforge.cli.main"]
 
@@ -16,16 +17,7 @@ def lmforge(*args, input=None, timeout=300):
     return subprocess.run([*LMFORGE, *args], input=input, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def lmforge_inproc(capsys, *args):
-    """The same CLI entry point in this process (no interpreter and torch start-up per call)."""
-    from types import SimpleNamespace
-
-    from lmforge.cli.main import main
-
-    capsys.readouterr()
-    code = main(list(args))
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+lmforge_inproc = run_cli  # the same CLI entry point in this process
 
 
 def test_python_api_france_answer(default_lm):

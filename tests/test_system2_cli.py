@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import io
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from _align_tiny import tiny_lm_dir
+from conftest import run_cli
 from lmforge.align.system2 import choose, system2_generate
 from lmforge.engine import SamplingParams
 
@@ -41,13 +41,7 @@ def tiny(dirs):
     return load_model(dirs[0])
 
 
-def cli(capsys, *args):
-    from lmforge.cli.main import main
-
-    capsys.readouterr()
-    code = main(list(args))
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+cli = run_cli
 
 
 def base_args(policy):
