@@ -110,9 +110,10 @@ class LM:
         return self.model(x).float()
 
 
-def load(model=None, dtype: str = "fp32", device: str = "cpu", quant: str = "none") -> LM:
-    """Load a model. `quant`: none (exact weights; the default), int8, int4, or auto (int8 on CPU,
-    none on a GPU: what `lmforge chat/generate/serve` use)."""
+def load(model=None, dtype: str = "fp32", device: str = "auto", quant: str = "none") -> LM:
+    """Load a model. `device`: auto (CUDA when present, else MPS, else CPU; the default), cpu,
+    cuda, cuda:N or mps. `quant`: none (exact weights; the default), int8, int4, or auto (int8
+    with fp32 weights on CPU, bf16 weights on CUDA: what `lmforge chat/generate/serve` use)."""
     from lmforge.loading import load_model
 
     m, tok = load_model(model, dtype=dtype, device=device, quant=quant)

@@ -97,7 +97,7 @@ def generate_tokens(
         gen = torch.Generator(device=device).manual_seed(params.seed)
     cache = model.new_cache(B, capacity)
     lens = torch.tensor([len(p) for p in prompts], device=device)
-    T = int(lens.max())
+    T = max(len(p) for p in prompts)  # from the host's own list: no wait for the device
     idx = torch.zeros(B, T, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         idx[b, : len(p)] = torch.tensor(p, device=device)

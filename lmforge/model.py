@@ -195,6 +195,10 @@ def make_mlp(cfg: Config) -> nn.Module:
 
 
 class Block(nn.Module):
+    # The trainer compiles each compile unit on its own ("regional" compilation: one compile is
+    # reused by every layer, so compile time does not grow with depth) and FSDP2 shards by them.
+    compile_unit = True
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -205,6 +209,22 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, layer_cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class NextTokenLoss(nn.Module):
+    """Mean cross-entropy of the output head over `targets` (-100 = ignored), in fp32.
+
+    A module of its own (no weights, so no state-dict keys) so the trainer can compile it as
+    one region: the fp32 upcast fuses into the log-softmax and the fp32 [tokens, vocab] logits
+    are never written out, which is most of the loss's cost at a 32k-50k vocabulary.
+    """
+
+    compile_unit = True
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, weight)
+        total = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-100, reduction="sum")
+        return total / (targets != -100).sum().clamp(min=1)  # no target at all: 0, not nan
 
 
 class Transformer(nn.Module):
@@ -222,6 +242,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.next_token_loss = NextTokenLoss()
 
     # -- construction -------------------------------------------------------------------
     def init_weights(self, seed: int | None = None) -> "Transformer":
@@ -255,6 +276,7 @@ class Transformer(nn.Module):
         n_new: torch.Tensor | None = None,
         hidden_only: bool = False,
         collect_hidden: list | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T].
 
@@ -267,6 +289,8 @@ class Transformer(nn.Module):
         `hidden_only` returns the final-norm hidden states instead of logits (for chunked loss).
         `collect_hidden`, a list, receives the residual stream after the embedding and after
         every layer (n_layers + 1 tensors, before the final norm) for inspection.
+        `targets` [B, T] (next-token ids, -100 = no loss) returns the mean cross-entropy instead
+        of logits: the loss is computed inside forward so DDP, FSDP and the compiler see it.
         """
         B, T = idx.shape
         x = self.model.embed_tokens(idx)
@@ -323,6 +347,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.lengths[rows] = cache.lengths[rows] + n_new
         x = self.model.norm(x)
+        if targets is not None:
+            return self.next_token_loss(x, self.lm_head.weight, targets)
         return x if hidden_only else self.lm_head(x)
 
 

@@ -219,8 +219,9 @@ def fuse_quant_linears(parts: list[QuantLinear], row_orders: list | None = None)
 def resolve_quant(quant: str | None, device="cpu", dtype="fp32") -> str:
     """The scheme `quant` means on this device: "auto" is int8 on a CPU with fbgemm's kernels
     and fp32 weights (the fastest decoding measured there, benchmarks/results/decode.json), and
-    "none" elsewhere: the int8 kernels are CPU-only, and when half-precision weights were asked
-    for (--dtype bf16/fp16) those weights are what runs. Other values are checked and returned."""
+    "none" elsewhere: the int8 kernels are CPU-only (on CUDA "auto" runs bf16 weights instead, see
+    `resolve_precision`), and when half-precision weights were asked for (--dtype bf16/fp16)
+    those weights are what runs. Other values are checked and returned."""
     if quant in (None, ""):
         return "none"
     if quant not in CHOICES:
@@ -230,6 +231,26 @@ def resolve_quant(quant: str | None, device="cpu", dtype="fp32") -> str:
     on_cpu = torch.device(device).type == "cpu"
     full = dtype in ("fp32", "float32", torch.float32)
     return "int8" if on_cpu and full and _fbgemm_available() else "none"
+
+
+def resolve_precision(dtype="fp32", quant: str | None = "none", device="cpu") -> tuple[str | torch.dtype, str]:
+    """(weights dtype, runtime quantization) that `--dtype` and `--quant` mean on `device` (a
+    resolved device: see `lmforge.device.resolve_device`); every loader goes through here.
+
+        device  --dtype    --quant auto           other --quant
+        cpu     fp32       fp32 weights, int8     as given
+        cpu     bf16/fp16  that dtype, none       as given
+        cuda    fp32       bf16 weights, none     fp32, as given
+        cuda    bf16/fp16  that dtype, none       as given
+        mps     any        that dtype, none       as given
+
+    On CUDA "auto" means half precision (bf16; fp16 on a GPU without bf16) with no runtime
+    quantization; int8/int4 stay CPU-only (`quantize_model` says so)."""
+    scheme = resolve_quant(quant, device, dtype)
+    full = dtype in ("fp32", "float32", torch.float32)
+    if quant == "auto" and full and torch.device(device).type == "cuda":
+        dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return dtype, scheme
 
 
 # -- calibration and the model-level entry point -------------------------------------------

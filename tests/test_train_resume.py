@@ -24,26 +24,25 @@ def prepared(tmp_path_factory):
     return make_prepared(tmp_path_factory.mktemp("corpus"))
 
 
-def _cmd(prepared, out):
-    return [sys.executable, "-m", "lmforge.cli.main", "pretrain", "--config", str(REPO / "recipes/pretrain/smoke.yaml"),
+def _cmd(prepared, out, hooks=()):
+    return [sys.executable, str(REPO / "tests/_pretrain_with_hooks.py"), *hooks, "pretrain", "--config", str(REPO / "recipes/pretrain/smoke.yaml"),
             "--data.dir", str(prepared["data"]), "--out", str(out), "--train.max_steps", str(STEPS),
             "--train.save_every", "4", "--train.keep_last", "0", "--train.eval_every", "0", "--data.eval_tokens", "256",
             "--threads", "1", "--sample_tokens", "0"]
 
 
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMFORGE_TEST_")}
-    return dict(env, OMP_NUM_THREADS="1", **extra)
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def _run(prepared, out, **env):
-    p = subprocess.run(_cmd(prepared, out), env=_env(**env), capture_output=True, text=True, timeout=300)
+def _run(prepared, out):
+    p = subprocess.run(_cmd(prepared, out), env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
 
 
-def _start_and_kill(prepared, out, ready, timeout=240, **env):
+def _start_and_kill(prepared, out, ready, hooks, timeout=240):
     """Start a run, SIGKILL it as soon as `ready()` holds."""
-    proc = subprocess.Popen(_cmd(prepared, out), env=_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cmd(prepared, out, hooks), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     try:
         while not ready():
@@ -76,13 +75,13 @@ def test_sigkill_between_and_during_checkpoint_write_then_resume(prepared, tmp_p
     # 1. killed between checkpoints: steps past the last checkpoint were logged, then lost
     def between():
         return (run / "latest").exists() and _last_step(run) >= 6
-    _start_and_kill(prepared, run, between, LMFORGE_TEST_STEP_SLEEP="0.3")
+    _start_and_kill(prepared, run, between, ["--step-sleep", "0.3"])
     saved = int(latest_checkpoint(run).name.split("-")[1])
     assert saved in (4, 8) and _last_step(run) > saved
 
     # 2. resumed, then killed while writing the step-12 checkpoint (model files written, state not)
     tmp12 = run / "checkpoints" / "step-000012.tmp"
-    _start_and_kill(prepared, run, lambda: (tmp12 / "model.safetensors").exists(), LMFORGE_TEST_SAVE_SLEEP="12:120")
+    _start_and_kill(prepared, run, lambda: (tmp12 / "model.safetensors").exists(), ["--save-sleep", "12:120"])
     assert tmp12.exists() and not (tmp12 / "trainer_state.pt").exists()
     assert latest_checkpoint(run).name == "step-000008"  # `latest` never moved to the half-written one
     from lmforge.loading.load import resolve_run_folder

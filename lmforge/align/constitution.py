@@ -211,6 +211,7 @@ class ConstitutionConfig:
     keep: str = "all"  # all | judged: keep only revisions the rule judge prefers to the original
     seed: int = 0
     dtype: str = "fp32"
+    device: str = "auto"  # auto (CUDA when present, else MPS, else CPU) | cpu | cuda | cuda:N | mps
     threads: int = 0
 
 
@@ -253,7 +254,7 @@ def run_constitution(cfg: ConstitutionConfig) -> dict:
     prompts = read_prompts(cfg.data)
     if cfg.limit:
         prompts = prompts[:cfg.limit]
-    model, tok = load_model(cfg.model, dtype=cfg.dtype)
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
     res = constitution_loop(model, tok, prompts, principles, params, cfg.seed, cfg.batch_size, cfg.system)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
+from lmforge.train.batches import to_device
 
 LOSS_TYPES = ("sigmoid", "ipo", "robust", "hinge")
 
@@ -36,8 +37,7 @@ def reply_logps(model, input_ids: torch.Tensor, reply_mask: torch.Tensor) -> tup
     from lmforge.train.trainer import unwrap
 
     raw = unwrap(model)
-    dev = raw.lm_head.weight.device
-    idx, mask = input_ids.to(dev), reply_mask.to(dev)
+    idx, mask, dev = input_ids, reply_mask, input_ids.device
     h = model(idx[:, :-1], hidden_only=True)
     tgt = idx[:, 1:]
     sel = mask[:, 1:].bool()
@@ -83,7 +83,7 @@ def dpo_batch_loss(model, batch: dict, beta: float = 0.1, loss_type: str = "sigm
     if "ref_logps" not in batch:
         raise LmforgeError("DPO batches need cached reference log-probs (cache_reference_logps)")
     logps, counts = reply_logps(model, batch["input_ids"], batch["reply_mask"])
-    ref = batch["ref_logps"].to(logps.device, torch.float32)
+    ref = batch["ref_logps"].float()
     pc, pr = logps.chunk(2)
     rc, rr = ref.chunk(2)
     nc, nr = counts.chunk(2)
@@ -91,7 +91,7 @@ def dpo_batch_loss(model, batch: dict, beta: float = 0.1, loss_type: str = "sigm
     loss = losses.mean()
     if sft_weight:
         loss = loss + sft_weight * (-(pc / nc.clamp(min=1))).mean()
-    return loss, {"tokens": int(batch["lengths"].sum()), "rewards_chosen": cr.mean(), "rewards_rejected": rj.mean(),
+    return loss, {"tokens": batch["lengths"].sum(), "rewards_chosen": cr.mean(), "rewards_rejected": rj.mean(),
                   "reward_margin": (cr - rj).mean(), "reward_accuracy": (cr > rj).float().mean(),
                   "logps_chosen": pc.detach().mean(), "logps_rejected": pr.detach().mean()}
 
@@ -111,6 +111,7 @@ def cache_reference_logps(model, rows: list[dict], pad_id: int, batch_size: int 
     for i in todo:
         chunk = rows[i:i + batch_size]
         b = collate_pairs([{k: v for k, v in r.items() if k != "ref_logps"} for r in chunk], pad_id)
+        b = to_device(b, model.lm_head.weight.device)
         lp, _ = reply_logps(model, b["input_ids"], b["reply_mask"])
         c, r = lp.double().cpu().chunk(2)
         for row, x, y in zip(chunk, c.tolist(), r.tolist()):
@@ -129,7 +130,8 @@ def eval_pairs(model, rows: list[dict], pad_id: int, beta: float, loss_type: str
     n = 0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        loss, m = dpo_batch_loss(model, collate_pairs(chunk, pad_id), beta, loss_type, label_smoothing)
+        batch = to_device(collate_pairs(chunk, pad_id), model.lm_head.weight.device)
+        loss, m = dpo_batch_loss(model, batch, beta, loss_type, label_smoothing)
         k = len(chunk)
         tot["loss"] += float(loss) * k
         tot["reward_accuracy"] += float(m["reward_accuracy"]) * k

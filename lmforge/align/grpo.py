@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.train.trainer import BatchSource, unwrap
+from lmforge.train.trainer import BatchSource, to_device, unwrap
 
 
 @dataclass
@@ -55,8 +55,7 @@ class GRPOSettings:
 def token_logps(model, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Log-prob of every target token [N, T-1] (fp32; 0 where mask[:, 1:] is 0)."""
     raw = unwrap(model)
-    dev = raw.lm_head.weight.device
-    idx, m = input_ids.to(dev), mask.to(dev)
+    idx, m, dev = input_ids, mask, input_ids.device
     h = model(idx[:, :-1], hidden_only=True)
     sel = m[:, 1:].bool()
     logits = F.linear(h[sel], raw.lm_head.weight).float()
@@ -77,22 +76,21 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
 def grpo_loss(model, batch: dict, beta: float = 0.04, clip_eps: float = 0.2) -> tuple[torch.Tensor, dict]:
     """The trainer's loss_fn for a rollout micro-batch (see the module docstring)."""
     logp = token_logps(model, batch["input_ids"], batch["mask"])
-    dev = logp.device
-    m = batch["mask"][:, 1:].to(dev).float()
-    adv = batch["advantages"].to(dev)[:, None]
-    old = batch["old_logps"].to(dev)
+    m = batch["mask"][:, 1:].float()
+    adv = batch["advantages"][:, None]
+    old = batch["old_logps"]
     ratio = torch.exp((logp - old) * m)
     surr = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     per_tok = surr
     kl = torch.zeros_like(logp)
     if beta and batch.get("ref_logps") is not None:
-        d = (batch["ref_logps"].to(dev) - logp) * m
+        d = (batch["ref_logps"] - logp) * m
         kl = torch.exp(d) - d - 1
         per_tok = surr - beta * kl
     n = m.sum(1).clamp(min=1)
     loss = -((per_tok * m).sum(1) / n).mean()
     clipped = ((ratio - 1).abs() > clip_eps).float() * m
-    metrics = {"tokens": int(batch["lengths"].sum()), "kl": ((kl * m).sum(1) / n).mean().detach(),
+    metrics = {"tokens": batch["lengths"].sum(), "kl": ((kl * m).sum(1) / n).mean().detach(),
                "clip_frac": (clipped.sum() / m.sum().clamp(min=1)).detach()}
     for k in ("reward", "accuracy", "completion_len", "solved_groups", "flat_groups"):
         if k in batch:
@@ -237,8 +235,8 @@ class RolloutBatches(BatchSource):
         rewards = torch.tensor(compute_rewards(self.reward_fn, recs, [x["text"] for x in samples]), dtype=torch.float32)
         adv = group_advantages(rewards, s.group_size, s.scale_rewards)
         pad = self.tok.pad_id if self.tok.pad_id is not None else 0
-        ids = _pad([x["ids"] for x in samples], pad)
-        mask = _pad([x["mask"] for x in samples], 0)
+        ids, mask = to_device((_pad([x["ids"] for x in samples], pad), _pad([x["mask"] for x in samples], 0)),
+                              raw.lm_head.weight.device)
         old = token_logps(raw, ids, mask)
         ref = None
         if s.beta:

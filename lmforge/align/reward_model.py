@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
+from lmforge.train.batches import to_device
 from lmforge.model import Config, Transformer, rope_inv_freq
 
 
@@ -93,9 +94,8 @@ def pair_scores(rm: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     row's last real token (from `lengths`, never from the pad id)."""
     from lmforge.train.trainer import unwrap
 
-    dev = unwrap(rm).model.embed_tokens.weight.device
-    idx = batch["input_ids"].to(dev)
-    s = rm(idx, attention_mask=length_mask(batch["lengths"].to(dev), idx.shape[1]))
+    idx = batch["input_ids"]
+    s = rm(idx, attention_mask=length_mask(batch["lengths"], idx.shape[1]))
     return s.chunk(2)
 
 
@@ -106,7 +106,7 @@ def bt_loss(rm: nn.Module, batch: dict, margin_reg: float = 0.0) -> tuple[torch.
     loss = -F.logsigmoid(rc - rr).mean()
     if margin_reg:
         loss = loss + margin_reg * ((rc + rr) ** 2).mean()
-    return loss, {"tokens": int(batch["lengths"].sum()), "accuracy": (rc > rr).float().mean().detach(),
+    return loss, {"tokens": batch["lengths"].sum(), "accuracy": (rc > rr).float().mean().detach(),
                   "margin": (rc - rr).mean().detach(), "score_chosen": rc.mean().detach(), "score_rejected": rr.mean().detach()}
 
 
@@ -122,7 +122,7 @@ def pairwise_accuracy(rm: nn.Module, rows: list[dict], pad_id: int, batch_size: 
     wins: list[bool] = []
     margin, loss = 0.0, 0.0
     for i in range(0, len(rows), batch_size):
-        rc, rr = pair_scores(rm, collate_pairs(rows[i:i + batch_size], pad_id))
+        rc, rr = pair_scores(rm, to_device(collate_pairs(rows[i:i + batch_size], pad_id), rm.model.embed_tokens.weight.device))
         wins += (rc > rr).tolist()
         margin += float((rc - rr).sum())
         loss += float(-F.logsigmoid(rc - rr).sum())

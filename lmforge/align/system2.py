@@ -195,6 +195,7 @@ _RM_CACHE: dict = {}
 def get_reward_model(reward_model):
     """A loaded (RewardModel, tokenizer or None) from a RewardModel, a pair, or a path (paths cached)."""
     from lmforge.align.reward_model import RewardModel, load_reward_model
+    from lmforge.device import resolve_device
 
     if reward_model is None:
         raise LmforgeError("best-of-N needs a reward model (--reward-model PATH, trained with `lmforge rm`)")
@@ -206,7 +207,7 @@ def get_reward_model(reward_model):
     if key not in _RM_CACHE:
         if not Path(key).expanduser().exists():
             raise LmforgeError(f"reward model not found: {key}")
-        _RM_CACHE[key] = load_reward_model(key)
+        _RM_CACHE[key] = load_reward_model(key, device=resolve_device("auto"))  # beside the policy model (auto too)
     return _RM_CACHE[key]
 
 

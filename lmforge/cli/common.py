@@ -11,9 +11,10 @@ class ModelArgs:
     model: str | None = None  # GGUF file, HF folder, run folder, or model id; default model when unset
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     # runtime weight quantization: auto | none | int8 | int4. auto = int8 on CPU with fp32 weights
-    # (the fastest decoding there, <1 % perplexity), none on a GPU or with --dtype bf16/fp16
+    # (the fastest decoding there, <1 % perplexity); on CUDA bf16 weights, no quantization;
+    # none with --dtype bf16/fp16 (those weights run) or on MPS
     quant: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"  # auto (CUDA when present, else MPS, else CPU) | cpu | cuda | cuda:N | mps
     threads: int = 0  # torch threads; 0 = torch's default
 
 
@@ -45,7 +46,8 @@ def sampling_from(args) -> SamplingParams:
 
 
 def load_lm(args):
-    """An `lmforge.api.LM` from ModelArgs fields (--quant auto resolved for the device)."""
+    """An `lmforge.api.LM` from ModelArgs fields (--device and --quant auto resolved by the
+    loader: `lmforge.device.resolve_device`, `lmforge.quant.resolve_precision`)."""
     import torch
 
     from lmforge.api import load

@@ -219,9 +219,19 @@ def _progress_bar(task: Task, total: int, enabled: bool):
                 mininterval=1.0, file=sys.stderr, leave=True)
 
 
+def _backend_device(backend) -> str | None:
+    """Where a local backend's model runs (e.g. "cpu", "cuda:0"); None for a server."""
+    model = getattr(backend, "model", None)
+    try:
+        return str(model.lm_head.weight.device)
+    except AttributeError:
+        return None
+
+
 def load_backend(model: str | None, dtype: str = "fp32", quant: str = "none", settings: EvalSettings | None = None,
-                 remote_model: str | None = None):
-    """(backend, model id, model path) for a local model or an OpenAI-compatible URL."""
+                 remote_model: str | None = None, device: str = "auto"):
+    """(backend, model id, model path) for a local model (on `device`: auto, cpu, cuda, cuda:N,
+    mps) or an OpenAI-compatible URL."""
     from lmforge.eval.remote import RemoteModel, is_url
 
     s = settings or EvalSettings()
@@ -231,7 +241,7 @@ def load_backend(model: str | None, dtype: str = "fp32", quant: str = "none", se
     from lmforge.loading import DEFAULT_MODEL_ID, load_model, resolve_model_path
 
     path = resolve_model_path(model)
-    m, tok = load_model(model, dtype=dtype, quant=quant)
+    m, tok = load_model(model, dtype=dtype, device=device, quant=quant)
     mid = DEFAULT_MODEL_ID if model in (None, "", "default", DEFAULT_MODEL_ID) and not os.environ.get("LMFORGE_MODEL") else str(model or path)
     return LocalBackend(m, tok, batch_tokens=s.batch_tokens, gen_batch_size=s.gen_batch_size), mid, str(path)
 
@@ -239,7 +249,7 @@ def load_backend(model: str | None, dtype: str = "fp32", quant: str = "none", se
 def evaluate(model: str | None = None, settings: EvalSettings | None = None, dtype: str = "fp32", quant: str = "none",
              out: str | Path | None = None, progress: bool = True, backend=None, model_id: str | None = None,
              remote_model: str | None = None, log: Callable[[str], None] | None = None,
-             meta: dict | None = None) -> tuple[dict, dict]:
+             meta: dict | None = None, device: str = "auto") -> tuple[dict, dict]:
     """Run every task of `settings.tasks`; returns (run record, per-task sample records) and
     writes the run folder when `out` is given. `meta` adds keys to the record (e.g. the command)."""
     from lmforge import __version__
@@ -251,14 +261,14 @@ def evaluate(model: str | None = None, settings: EvalSettings | None = None, dty
     tasks = load_tasks(s.tasks, seed=s.seed, bigbench=s.bigbench, humaneval=s.humaneval)
     model_path = None
     if backend is None:
-        backend, model_id, model_path = load_backend(model, dtype, quant, s, remote_model)
+        backend, model_id, model_path = load_backend(model, dtype, quant, s, remote_model, device=device)
     import torch
 
     torch.manual_seed(s.seed)
     run = {
         "lmforge_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": model_id or str(model), "model_path": model_path, "backend": getattr(backend, "kind", "remote"),
-        "settings": {**asdict(s), "dtype": dtype, "quant": quant},
+        "settings": {**asdict(s), "dtype": dtype, "quant": quant, "device": _backend_device(backend)},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.train.trainer import BatchSource, TrainConfig, resolve_device, unwrap
+from lmforge.train.trainer import BatchSource, TrainConfig, resolve_device, to_device, unwrap
 
 IGNORE = -100
 
@@ -191,18 +191,13 @@ def lm_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.
 def sft_loss(model: nn.Module, batch: dict, ce_chunk: int = 0) -> tuple[torch.Tensor, dict]:
     """Mean cross-entropy over the batch's assistant tokens; (loss, metrics) for the trainer."""
     raw = unwrap(model)
-    dev = raw.lm_head.weight.device
-    idx = batch["input_ids"].to(dev)
-    targets = batch["targets"].to(dev)
-    pos = batch.get("positions")
-    attn = batch.get("attention_mask")
-    h = model(idx, positions=None if pos is None else pos.to(dev), attention_mask=None if attn is None else attn.to(dev),
-              hidden_only=True)
+    idx, targets = batch["input_ids"], batch["targets"]
+    h = model(idx, positions=batch.get("positions"), attention_mask=batch.get("attention_mask"), hidden_only=True)
     sel = targets != IGNORE
-    n = int(sel.sum())
-    if n == 0:  # cannot happen with checked data; keep the graph so DDP ranks stay in step
-        return h.sum() * 0.0, {"tokens": batch.get("n_tokens", idx.numel()), "trained_tokens": 0}
-    loss = lm_loss_sum(h[sel], raw.lm_head.weight, targets[sel], ce_chunk) / n
+    n = sel.sum()
+    # no target at all (cannot happen with checked data) gives 0 with the graph kept, so DDP
+    # ranks stay in step
+    loss = lm_loss_sum(h[sel], raw.lm_head.weight, targets[sel], ce_chunk) / n.clamp(min=1)
     return loss, {"tokens": batch.get("n_tokens", idx.numel()), "trained_tokens": n}
 
 
@@ -218,10 +213,11 @@ def eval_loss(model: nn.Module, rows: list, batch_size: int, pad_id: int, ce_chu
     """Mean loss per assistant token over `rows` (validation)."""
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i:i + batch_size], pad_id)
+        batch = to_device(collate(rows[i:i + batch_size], pad_id), unwrap(model).lm_head.weight.device)
         loss, m = sft_loss(model, batch, ce_chunk)
-        total += float(loss) * m["trained_tokens"]
-        count += m["trained_tokens"]
+        n = int(m["trained_tokens"])
+        total += float(loss) * n
+        count += n
     return total / max(count, 1)
 
 

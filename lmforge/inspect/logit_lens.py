@@ -45,6 +45,7 @@ def token_text(tokenizer, i: int) -> str:
 def logit_lens(model, tokenizer, ids: list[int], top_k: int = 5) -> LensResult:
     logp = lens_log_probs(model, ids)
     probs, top = logp.exp().topk(top_k, dim=-1)
+    probs, top = probs.cpu(), top.cpu()  # small; the table and the PNG read them with numpy
     text = [[[token_text(tokenizer, i) for i in pos] for pos in layer.tolist()] for layer in top]
     return LensResult(tokens=[token_text(tokenizer, i) for i in ids], top_ids=top, top_probs=probs, top_text=text)
 

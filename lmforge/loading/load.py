@@ -102,15 +102,18 @@ def build_model(cfg: Config, state: dict, device="cpu") -> Transformer:
 
 
 def load_model(model=None, dtype="fp32", device="cpu", quant: str = "none") -> tuple[Transformer, Tokenizer | None]:
-    """Load a model for inference. `quant` (int8/int4) is applied after loading when set;
-    "auto" picks per device (`lmforge.quant.resolve_quant`: int8 on CPU, none on a GPU).
+    """Load a model for inference. `device`: cpu, cuda, cuda:N, mps or auto (CUDA when present,
+    else MPS, else CPU; `lmforge.device.resolve_device`). `quant` (int8/int4) is applied after
+    loading when set; "auto" picks per device (`lmforge.quant.resolve_precision`: int8 with fp32
+    weights on CPU, bf16 weights on CUDA when `dtype` is fp32).
 
     A folder holding a LoRA adapter (PEFT layout) loads the base it names, with the adapter merged.
     """
-    if quant == "auto":
-        from lmforge.quant import resolve_quant
+    from lmforge.device import resolve_device
+    from lmforge.quant import resolve_precision
 
-        quant = resolve_quant(quant, device, dtype)
+    device = resolve_device(device)
+    dtype, quant = resolve_precision(dtype, quant, device)
     adapter = adapter_folder(model)
     if adapter is not None:
         from lmforge.finetune.lora import load_adapter_model

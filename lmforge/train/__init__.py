@@ -7,7 +7,7 @@ Names resolve lazily from `lmforge.train.trainer`, so importing `lmforge.train` 
 import importlib
 
 __all__ = ["TrainConfig", "train", "BatchSource", "ListBatches", "DistInfo", "dist_info", "unwrap",
-           "lr_factor", "latest_checkpoint", "plot_metrics", "read_metrics", "enable_activation_checkpointing"]
+           "lr_factor", "latest_checkpoint", "TrainHooks", "to_device", "plot_metrics", "read_metrics", "enable_activation_checkpointing"]
 
 
 def __getattr__(name):

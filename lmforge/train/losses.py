@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
@@ -10,17 +9,15 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
 
     `batch`: a LongTensor [B, T+1] of token ids, or a dict with `input_ids` [B, T+1] and an
     optional `loss_mask` [B, T+1] (1 where the token is a target; position 0 is never one) and
-    `attention_mask`. Logits are computed in fp32 for the loss (bf16 log-softmax loses bits).
+    `attention_mask`. The model computes the loss itself (`targets=`), in fp32, so a compiled
+    model fuses it; the token count stays a tensor so the step never waits for the device.
     """
     if isinstance(batch, torch.Tensor):
         ids, mask, attn = batch, None, None
     else:
         ids, mask, attn = batch["input_ids"], batch.get("loss_mask"), batch.get("attention_mask")
     x, y = ids[:, :-1], ids[:, 1:]
-    logits = model(x, attention_mask=attn[:, :-1] if attn is not None else None)
-    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-    if mask is None:
-        return losses.mean(), {"tokens": y.numel()}
-    m = mask[:, 1:].reshape(-1).to(losses.dtype)
-    n = m.sum()
-    return (losses * m).sum() / n.clamp(min=1), {"tokens": int(n)}
+    if mask is not None:
+        y = y.masked_fill(mask[:, 1:] == 0, -100)
+    loss = model(x, attention_mask=attn[:, :-1] if attn is not None else None, targets=y)
+    return loss, {"tokens": y.numel() if mask is None else (y != -100).sum()}

@@ -335,6 +335,6 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
 
     t0 = time.time()
     result = train(model, lm_loss, batches, cfg.train, expand_path(cfg.out), eval_fn=eval_fn, sample_fn=sample_fn,
-                   tokenizer=tokenizer, config=resolved)
+                   tokenizer=tokenizer, config=resolved, flops_per_token=fpt)
     result.update(params=counts, flops_per_token=fpt, tokens_per_step=tokens_per_step, wall_s=time.time() - t0)
     return result

@@ -9,19 +9,22 @@
     result = train(model, loss_fn, batches, TrainConfig(lr=1e-4, max_steps=200), "runs/sft",
                    tokenizer=tok, eval_fn=lambda m: {"val_loss": ...})
 
-What `train` does, step by step: `grad_accum` micro-batches (`next(batches)`, forward under
-autocast, `loss_fn`, backward of loss / grad_accum; MoE auxiliary losses are added here, so a
-loss_fn must not add `aux_losses(model)` itself) -> clip -> AdamW step -> lr from the schedule
-(linear warmup, then cosine|linear decay to lr * min_lr_ratio, or constant).
+What `train` does, step by step: `grad_accum` micro-batches (`next(batches)`, moved to the
+model's device, forward under autocast, `loss_fn`, backward of loss / grad_accum; MoE auxiliary
+losses are added here, so a loss_fn must not add `aux_losses(model)` itself) -> clip -> AdamW
+step -> lr from the schedule (linear warmup, then cosine|linear decay to lr * min_lr_ratio, or
+constant). The step never waits for the device: losses, metrics and token counts stay tensors
+and are read once every `log_every` steps.
 
 The contract:
-- `loss_fn(model, batch) -> (loss, metrics)`. `metrics["tokens"]`, when given, is the number
-  of tokens the micro-batch trained on (for tokens/s); otherwise the trainer counts
-  `batch["input_ids"]` (or the batch itself when it is a tensor). Other metric values are
-  averaged over micro-batches and ranks and land in `metrics.jsonl`.
-- `batches`: an iterator with `state_dict()` / `load_state_dict()` (the data position, saved in
-  every checkpoint) and optionally `set_rank(rank, world_size)`, which the trainer calls under
-  torchrun. `BatchSource` is the base; `ListBatches` covers a list of examples.
+- `loss_fn(model, batch) -> (loss, metrics)`. The batch arrives on the model's device (the
+  trainer moves it, `batches.to_device`). `metrics["tokens"]`, when given, is the number of
+  tokens the micro-batch trained on (for tokens/s; an int or a 0-d tensor); otherwise the
+  trainer counts `batch["input_ids"]` (or the batch itself when it is a tensor). Other metric
+  values are averaged over micro-batches and ranks and land in `metrics.jsonl`.
+- `batches`: an iterator of CPU batches with `state_dict()` / `load_state_dict()` (the data
+  position, saved in every checkpoint) and optionally `set_rank(rank, world_size)`, which the
+  trainer calls under torchrun. `BatchSource` is the base; `ListBatches` covers a list.
 - `params`: the tensors (or param-group dicts, with an optional `lr_scale`) to optimize;
   default every parameter with requires_grad. Weight decay applies to matrices only.
 - `eval_fn(model) -> dict` runs every `eval_every` steps and at the end (eval mode, no grad,
@@ -34,45 +37,44 @@ The contract:
   whatever format save_fn writes), optimizer, schedule position, data position and RNG states
   of every rank, and `extra_state` (a dict updated in place on resume, or an object with
   state_dict/load_state_dict).
+- `flops_per_token` (training FLOPs) adds `mfu` to the log on GPUs whose peak is known;
+  `hooks` (TrainHooks) lets tests act after a step or in the middle of writing a checkpoint.
 
-Checkpoints are atomic: written into `checkpoints/step-NNNNNN.tmp`, fsynced, renamed, then the
-`latest` file is replaced atomically (temp file + os.replace); only `keep_last` complete ones
-are kept and a `.tmp` folder is never read. Resume is automatic when the run folder has
-`latest` (`resume=False` refuses to reuse such a folder, `True` demands one); it restores
+Checkpoints are atomic (lmforge/train/checkpoint.py). Resume is automatic when the run folder
+has `latest` (`resume=False` refuses to reuse such a folder, `True` demands one); it restores
 everything above, truncates metrics.jsonl to the resumed step, and continues as if never
 stopped: on CPU the per-step losses equal an uninterrupted run's. A final checkpoint is always
 written, also when `time_limit_s` stops the run early.
 
+`compile: true` compiles each compile unit (every transformer block and the loss head) on its
+own: one compilation serves all layers, so compile time does not grow with depth.
 Distributed: under torchrun (RANK/WORLD_SIZE set) the process group starts (gloo on CPU, nccl on
 CUDA), the model is wrapped in DDP, or sharded with FSDP2 `fully_shard` when `cfg.fsdp`; only
 rank 0 logs and writes. Gradients are averaged over ranks, so a rank's loss must be the mean over
 the same number of examples/tokens on every rank for the result to equal one process on the
 concatenated global batch.
-
-Environment hooks for tests: LMFORGE_TEST_SAVE_SLEEP="STEP:SECONDS" sleeps in the middle of
-writing that step's checkpoint (after the model files, before trainer_state.pt and the rename),
-so a test can SIGKILL a half-written checkpoint; LMFORGE_TEST_STEP_SLEEP=SECONDS sleeps after
-every optimizer step, so a test can SIGKILL between checkpoints.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import os
-import random
-import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 import torch.nn as nn
 
+from lmforge.device import resolve_device
 from lmforge.errors import LmforgeError
+from lmforge.train.batches import BatchSource, ListBatches, to_device  # noqa: F401  (public names)
+from lmforge.train.checkpoint import commit_checkpoint, latest_checkpoint, rng_state, set_rng_state
+from lmforge.train.distributed import (DistInfo, agree, all_gather_objects, all_reduce_mean, barrier,  # noqa: F401
+                                       dist_info, unwrap, wrap_for_ranks)
+from lmforge.train.plots import plot_metrics, read_metrics, safe_plots  # noqa: F401  (public names)
 
 
 @dataclass
@@ -91,10 +93,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     grad_accum: int = 1  # micro-batches per optimizer step
     dtype: str = "fp32"  # autocast dtype: fp32 | bf16 | fp16 (weights stay fp32)
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile each transformer block and the loss head
     activation_checkpointing: bool = False  # recompute each layer in backward (less memory)
     fsdp: bool = False  # under torchrun: FSDP2 fully_shard instead of DDP
-    device: str = "auto"  # auto (cuda if present) | cpu | cuda
+    device: str = "auto"  # auto (cuda if present, else mps, else cpu) | cpu | cuda | cuda:N | mps
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
@@ -103,143 +105,13 @@ class TrainConfig:
     time_limit_s: float = 0  # stop cleanly (and checkpoint) after this many seconds of training, counted across resumes; 0 = none
 
 
-# -- batch sources ----------------------------------------------------------------------------
-class BatchSource:
-    """Base for batch sources: implement `next_batch()`, `state_dict()`, `load_state_dict()`.
-
-    `rank` / `world_size` are set by the trainer (via `set_rank`) before the first batch; a
-    source should yield only its rank's part of each global batch.
-    """
-
-    rank: int = 0
-    world_size: int = 1
-
-    def set_rank(self, rank: int, world_size: int) -> None:
-        self.rank, self.world_size = rank, world_size
-
-    def next_batch(self):
-        raise NotImplementedError
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.next_batch()
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class ListBatches(BatchSource):
-    """Batches from a list of examples, reshuffled every epoch (seeded), forever.
-
-    A global batch is `batch_size` consecutive examples of the epoch's order; rank r takes its
-    contiguous slice of it (`batch_size` must divide by world_size). `collate(list) -> batch`.
-    The data position is (epoch, index), so resume continues with the very next example.
-    """
-
-    def __init__(self, examples: list, batch_size: int, collate: Callable[[list], Any] | None = None,
-                 shuffle: bool = True, seed: int = 0):
-        if not examples:
-            raise LmforgeError("no training examples")
-        self.examples, self.batch_size, self.shuffle, self.seed = examples, batch_size, shuffle, seed
-        self.collate = collate or (lambda xs: xs)
-        self.epoch, self.index = 0, 0
-        self._order = self._make_order()
-
-    def _make_order(self) -> list[int]:
-        n = len(self.examples)
-        if not self.shuffle:
-            return list(range(n))
-        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        return torch.randperm(n, generator=g).tolist()
-
-    def next_batch(self):
-        if self.batch_size % self.world_size:
-            raise LmforgeError(f"batch size {self.batch_size} does not divide among {self.world_size} ranks")
-        picked = []
-        for _ in range(self.batch_size):
-            if self.index >= len(self._order):
-                self.epoch, self.index = self.epoch + 1, 0
-                self._order = self._make_order()
-            picked.append(self.examples[self._order[self.index]])
-            self.index += 1
-        per = self.batch_size // self.world_size
-        return self.collate(picked[self.rank * per:(self.rank + 1) * per])
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._order = self._make_order()
-
-
-# -- distributed ------------------------------------------------------------------------------
 @dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+class TrainHooks:
+    """Callbacks for tests and tools: `after_step(step)` after every optimizer step;
+    `mid_save(step, tmp_dir)` after a checkpoint's model files, before its trainer state."""
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info(device: str = "auto") -> DistInfo:
-    """Rank info from torchrun's environment; starts the process group on first call."""
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    if ws <= 1:
-        return DistInfo()
-    import torch.distributed as dist
-
-    info = DistInfo(int(os.environ["RANK"]), ws, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        use_cuda = resolve_device(device).type == "cuda"
-        if use_cuda:
-            torch.cuda.set_device(info.local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return info
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under a DDP / torch.compile wrapper."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-def _all_gather_objects(obj, di: DistInfo) -> list:
-    if not di.enabled:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * di.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _barrier(di: DistInfo) -> None:
-    if di.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
+    after_step: Callable[[int], None] | None = None
+    mid_save: Callable[[int, Path], None] | None = None
 
 
 # -- schedule and optimizer -------------------------------------------------------------------
@@ -290,6 +162,38 @@ def _dedupe(params: Iterable) -> list:
     return out
 
 
+def _param_names(raw: nn.Module, params) -> list:
+    """The names of the tensors to train (a tensor outside the model is kept as itself), so
+    they survive FSDP re-wrapping the parameters."""
+    if params is None:
+        params = [p for p in raw.parameters() if p.requires_grad]
+    params = list(params)
+    id_to_name = {id(p): n for n, p in raw.named_parameters()}
+
+    def by_name(ps):
+        return [id_to_name.get(id(p), p) for p in _dedupe(ps)]
+
+    if params and isinstance(params[0], dict):
+        return [dict(g, params=by_name(g["params"])) for g in params]
+    return by_name(params)
+
+
+def _optimizer(raw: nn.Module, spec: list, cfg: TrainConfig, device: torch.device) -> tuple[torch.optim.Optimizer, list]:
+    """AdamW over `spec` (names or tensors, or group dicts of them); fused on CUDA."""
+    named = dict(raw.named_parameters())
+
+    def lookup(items):
+        return [named[x] if isinstance(x, str) else x for x in items]
+
+    if spec and isinstance(spec[0], dict):
+        groups = _param_groups([dict(g, params=lookup(g["params"])) for g in spec], cfg)
+    else:
+        groups = _param_groups(lookup(spec), cfg)
+    trainable = [p for g in groups for p in g["params"]]
+    extra_kw = {"fused": True} if device.type == "cuda" and not cfg.fsdp else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra_kw), trainable
+
+
 # -- small helpers ----------------------------------------------------------------------------
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -302,9 +206,10 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=AUTOCAST[dtype])
 
 
-def _to_float(v) -> float:
+def _detach(v):
+    """A metric value to accumulate without a host sync: tensors stay on their device."""
     if isinstance(v, torch.Tensor):
-        return float(v.detach().float().mean())
+        return v.detach().float().mean()
     return float(v)
 
 
@@ -320,97 +225,28 @@ def _count_tokens(batch) -> int:
     return 0
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+# Dense bf16 peak of the GPUs we quote MFU on (FLOP/s); others get no `mfu` in the log.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "4090": 165e12}
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((3, tuple(int(x) for x in py[:-1]), None if py[-1] == -1 else py[-1]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories
-    finally:
-        os.close(fd)
-
-
-def _step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint `latest` points at, if it is complete; else None. Never a `.tmp` folder."""
-    run_dir = Path(run_dir)
-    latest = run_dir / "latest"
-    if not latest.exists():
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
         return None
-    target = Path(os.readlink(latest)) if latest.is_symlink() else Path(latest.read_text().strip())
-    target = target if target.is_absolute() else run_dir / target
-    if target.name.endswith(".tmp") or not (target / "trainer_state.pt").exists():
-        raise LmforgeError(f"{latest} points at {target}, which is not a complete checkpoint")
-    return target
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def _write_latest(run_dir: Path, target: Path) -> None:
-    tmp = run_dir / "latest.tmp"
-    with open(tmp, "w") as f:
-        f.write(str(target.relative_to(run_dir)) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / "latest")
-    _fsync_dir(run_dir)
-
-
-def _prune(ckpt_root: Path, keep_last: int, keep: Path) -> None:
-    for stale in ckpt_root.glob("step-*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if keep_last <= 0:
-        return
-    done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep_last]:
-        if old.resolve() != keep.resolve():
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _test_save_sleep(step: int) -> float:
-    spec = os.environ.get("LMFORGE_TEST_SAVE_SLEEP", "")
-    if ":" in spec:
-        s, secs = spec.split(":", 1)
-        if int(s) == step:
-            return float(secs)
-    return 0.0
+def compile_model(raw: nn.Module) -> int:
+    """Compile every compile unit in place (names and state-dict keys stay); the whole model
+    when it has none. Returns the number of regions compiled."""
+    units = [m for m in raw.modules() if getattr(m, "compile_unit", False)]
+    for m in units:
+        m.compile()
+    if not units:
+        raw.compile()
+        return 1
+    return len(units)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> int:
@@ -441,65 +277,288 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
     return n
 
 
-# -- plots ------------------------------------------------------------------------------------
-def plot_metrics(records: list[dict], out_dir: str | Path) -> list[Path]:
-    """PNG curves from metrics records: loss (+ every *loss* key), lr, tokens/s, other evals."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+# -- the run's state --------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """Everything the loop's pieces share: set up once, advanced by `_step`."""
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    keys = []
-    for r in records:
-        for k, v in r.items():
-            if k not in keys and k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                keys.append(k)
-    skip = {"tokens", "elapsed_s", "eta_s", "epoch"}
-    groups = {"loss": [k for k in keys if "loss" in k]}
-    for k in keys:
-        if "loss" not in k and k not in skip and not k.startswith("router_load"):
-            groups[k] = [k]
-    loads = [k for k in keys if k.startswith("router_load")]
-    if loads:
-        groups["router_load"] = loads
-    written = []
-    for name, ks in groups.items():
-        if not ks:
-            continue
-        fig = Figure(figsize=(6, 3.6))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(111)
-        for k in ks:
-            pts = [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None,
-                        markersize=3, label=k, linewidth=1)
-        ax.set_xlabel("step")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        if len(ks) > 1:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=90)
-        written.append(path)
-    return written
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    di: DistInfo
+    raw: nn.Module
+    fwd_model: nn.Module
+    loss_fn: Callable
+    batches: Any
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    trainable: list
+    hooks: TrainHooks
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_before: float = 0.0
+    t_start: float = 0.0
+    start_step: int = 0
+    window_tokens: Any = 0
+    window_t0: float = 0.0
+    history: list = field(default_factory=list)
+    history_all: list = field(default_factory=list)
+    bar: Any = None
+    flops_per_token: float | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.di.is_main
+
+    def say(self, msg: str) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a kill: everything after it is suspect
+def _setup(model, loss_fn, batches, cfg: TrainConfig, run_dir: Path, params, hooks) -> _Run:
+    """Device, ranks, compile, wrap and optimizer (no weights or state restored yet)."""
+    device = resolve_device(cfg.device)
+    di = dist_info(cfg.device)
+    if di.enabled and device.type == "cuda":
+        device = torch.device("cuda", di.local_rank)
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for whatever stays fp32 (nanoGPT's habit)
+    if device.type == "cuda" and cfg.dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        print("warning: this GPU has no bf16; training in fp16 with loss scaling")
+        cfg = dataclasses.replace(cfg, dtype="fp16")
+    torch.manual_seed(cfg.seed + di.rank)
+    raw = model.to(device)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(raw)
+    if hasattr(batches, "set_rank"):
+        batches.set_rank(di.rank, di.world_size)
+    spec = _param_names(raw, params)
+    if cfg.compile:
+        compile_model(raw)
+    fwd_model = wrap_for_ranks(raw, di, device, cfg.fsdp)
+    opt, trainable = _optimizer(raw, spec, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16" and device.type == "cuda")
+    return _Run(cfg, run_dir, device, di, raw, fwd_model, loss_fn, batches, opt, scaler, trainable, hooks)
+
+
+def _load_weights(raw: nn.Module, state: dict, latest: Path, device: torch.device) -> None:
+    named = dict(raw.named_parameters(remove_duplicate=False))
+    missing = [n for n in state["model"] if n not in named]
+    if missing:
+        raise LmforgeError(f"checkpoint {latest} has weights this model lacks: {missing[:3]}")
+    with torch.no_grad():
+        for n, t in state["model"].items():
+            named[n].copy_(t.to(device))
+
+
+def _resume(run: _Run, state: dict, extra_state) -> None:
+    """Optimizer, scaler, data position, RNG, counters and extra state from a checkpoint."""
+    cfg, di = run.cfg, run.di
+    run.step, run.tokens_seen, run.elapsed_before = int(state["step"]), int(state["tokens_seen"]), float(state["elapsed_s"])
+    if state.get("world_size", 1) != di.world_size:
+        raise LmforgeError(f"checkpoint was written by {state.get('world_size', 1)} processes; resume with the same number")
+    if cfg.fsdp and di.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(run.raw, run.opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        run.opt.load_state_dict(state["optimizer"])
+    if "scaler" in state and run.scaler.is_enabled():
+        run.scaler.load_state_dict(state["scaler"])
+    if hasattr(run.batches, "load_state_dict"):
+        run.batches.load_state_dict(state["data"][di.rank])
+    set_rng_state(state["rng"][di.rank])
+    if extra_state is not None and state.get("extra") is not None:
+        if hasattr(extra_state, "load_state_dict"):
+            extra_state.load_state_dict(state["extra"])
+        elif isinstance(extra_state, dict):
+            extra_state.clear()
+            extra_state.update(state["extra"])
+
+
+def _open_run_folder(run: _Run, config) -> None:
+    """config.yaml, and metrics.jsonl cut back to the resumed step (a killed run may have logged
+    steps past its last checkpoint: they are forgotten)."""
+    if run.main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        from lmforge.config import save_yaml
+
+        save_yaml(config if config is not None else {"train": dataclasses.asdict(run.cfg)}, run.run_dir / "config.yaml")
+        path = run.run_dir / "metrics.jsonl"
+        kept = [r for r in read_metrics(path) if r.get("step", 0) <= run.step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        run.history_all = kept
+    barrier(run.di)
+
+
+# -- one optimizer step (no host syncs) -------------------------------------------------------
+def _step(run: _Run) -> tuple[dict, Any, Any]:
+    """grad_accum micro-batches, clip, optimizer step. Returns (metric sums, tokens, grad norm),
+    all still on the device: nothing here waits for the GPU."""
+    from lmforge.model import aux_losses
+
+    cfg = run.cfg
+    factor = lr_factor(run.step, cfg)
+    for g in run.opt.param_groups:
+        g["lr"] = cfg.lr * factor * g.get("lr_scale", 1.0)
+    sums: dict[str, Any] = {}
+    step_tokens: Any = 0
+    for micro in range(cfg.grad_accum):
+        batch = to_device(next(run.batches), run.device)
+        last = micro == cfg.grad_accum - 1
+        quiet = run.di.enabled and not last and hasattr(run.fwd_model, "no_sync")
+        with run.fwd_model.no_sync() if quiet else nullcontext():
+            with _autocast(run.device, cfg.dtype):
+                loss, metrics = run.loss_fn(run.fwd_model, batch)
+                metrics = dict(metrics or {})
+                aux = aux_losses(run.raw)
+                total = loss + aux if isinstance(aux, torch.Tensor) else loss
+            run.scaler.scale(total / cfg.grad_accum).backward()
+        n_tok = metrics.pop("tokens", None)
+        step_tokens = step_tokens + (_count_tokens(batch) if n_tok is None else n_tok)
+        metrics["loss"] = loss
+        if isinstance(aux, torch.Tensor):
+            metrics["aux_loss"] = aux
+        for k, v in metrics.items():
+            if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool):
+                sums[k] = sums.get(k, 0.0) + _detach(v)
+    for m in run.raw.modules():  # drop the graph the MoE aux losses hold on to
+        if getattr(m, "aux_loss", None) is not None:
+            m.aux_loss = None
+    grad_norm = _clip_and_update(run)
+    return sums, step_tokens, grad_norm
+
+
+def _clip_and_update(run: _Run):
+    if run.scaler.is_enabled():
+        run.scaler.unscale_(run.opt)
+    grad_norm = None
+    if run.cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, run.cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+# -- logging, evals, checkpoints --------------------------------------------------------------
+def _log_record(run: _Run, sums: dict, grad_norm) -> dict:
+    """The metrics line for this step: the one place the loop reads values off the device."""
+    from lmforge.moe import router_metrics
+
+    cfg = run.cfg
+    vals = {k: float(v) / cfg.grad_accum for k, v in sums.items()}
+    vals.update(router_metrics(run.raw))
+    vals, tok = all_reduce_mean(vals, float(run.window_tokens), run.di, run.device)
+    if grad_norm is not None:
+        vals["grad_norm"] = float(grad_norm)  # already global after DDP's all-reduce
+    now = time.time()
+    dt = max(now - run.window_t0, 1e-9)
+    run.tokens_seen += int(tok)
+    rate_steps = (run.step - run.start_step) / max(now - run.t_start, 1e-9)
+    record = {"step": run.step, "loss": vals.pop("loss"), "lr": cfg.lr * lr_factor(run.step - 1, cfg),
+              "tokens_per_s": tok / dt, "tokens": run.tokens_seen,
+              "elapsed_s": round(run.elapsed_before + now - run.t_start, 3),
+              "eta_s": round((cfg.max_steps - run.step) / max(rate_steps, 1e-9), 1), **vals}
+    if run.device.type == "cuda":
+        record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
+        peak = peak_flops(run.device)
+        if peak and run.flops_per_token:
+            record["mfu"] = round(record["tokens_per_s"] * run.flops_per_token / (peak * run.di.world_size), 4)
+    run.window_tokens, run.window_t0 = 0, now
+    return record
+
+
+def _run_evals(run: _Run, eval_fn, sample_fn) -> dict:
+    out = {}
+    if eval_fn is None and sample_fn is None:
+        return out
+    raw = run.raw
+    was_training = raw.training
+    raw.eval()
+    with torch.no_grad(), _autocast(run.device, run.cfg.dtype):
+        if eval_fn is not None:
+            out.update({k: float(_detach(v)) if isinstance(v, (int, float, torch.Tensor)) else v
+                        for k, v in (eval_fn(raw) or {}).items()})
+        if sample_fn is not None:
+            sample = sample_fn(raw)
+            if run.main and sample is not None:
+                rec = {"step": run.step, **(sample if isinstance(sample, dict) else {"text": sample})}
+                with open(run.run_dir / "samples.jsonl", "a") as f:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                run.say(f"[step {run.step}] sample: {rec.get('text', rec)!r}")
+    raw.train(was_training)
     return out
+
+
+def _gather_model_state(run: _Run) -> dict:
+    raw = run.raw
+    if run.cfg.fsdp and run.di.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        trainable_names = {n for n, p in raw.named_parameters(remove_duplicate=False) if p.requires_grad}
+        return {n: t for n, t in full.items() if n in trainable_names}
+    return {n: p.detach().cpu().clone() for n, p in raw.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
+def _optimizer_state(run: _Run) -> dict:
+    if run.cfg.fsdp and run.di.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(run.raw, run.opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return run.opt.state_dict()
+
+
+def _save(run: _Run, save_fn, extra_state) -> Path:
+    """A complete checkpoint of this step (collectives on every rank, files on rank 0)."""
+    di, cfg = run.di, run.cfg
+    data_states = all_gather_objects(run.batches.state_dict() if hasattr(run.batches, "state_dict") else {}, di)
+    rng_states = all_gather_objects(rng_state(), di)
+    model_state = _gather_model_state(run)
+    opt_state = _optimizer_state(run)
+    final = run.run_dir / "checkpoints" / f"step-{run.step:06d}"
+    if run.main:
+        extra = None
+        if extra_state is not None:
+            extra = extra_state.state_dict() if hasattr(extra_state, "state_dict") else dict(extra_state)
+        trainer_state = {
+            "step": run.step, "tokens_seen": run.tokens_seen,
+            "elapsed_s": run.elapsed_before + (time.time() - run.t_start),
+            "world_size": di.world_size, "model": model_state, "optimizer": opt_state,
+            "scheduler": {"step": run.step, "lr_factor": lr_factor(max(run.step - 1, 0), cfg)},
+            "data": data_states, "rng": rng_states, "extra": extra, "train_config": dataclasses.asdict(cfg),
+        }
+        if run.scaler.is_enabled():
+            trainer_state["scaler"] = run.scaler.state_dict()
+        save_model = _model_for_saving(run.raw, model_state) if cfg.fsdp and di.enabled else run.raw
+        final = commit_checkpoint(run.run_dir, run.step, lambda d: save_fn(save_model, d), trainer_state,
+                                  cfg.keep_last, run.hooks.mid_save)
+    barrier(di)
+    return final
+
+
+def _write_record(run: _Run, record: dict, show_evals: bool) -> None:
+    with open(run.run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    run.history.append(record)
+    run.history_all.append(record)
+    if run.bar is not None and "loss" in record:
+        run.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record.get('lr', 0):.2e}",
+                            tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
+    if show_evals:
+        evs = {k: v for k, v in record.items() if k.startswith(("val", "eval"))}
+        if evs:
+            run.say(f"[step {run.step}] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in evs.items()))
+        safe_plots(run.history_all, run.run_dir)
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -519,6 +578,8 @@ def train(
     config: Any = None,
     resume: bool | None = None,
     progress: bool = True,
+    hooks: TrainHooks | None = None,
+    flops_per_token: float | None = None,
 ) -> dict:
     """Train `model` in place; returns {"step", "loss", "metrics", "history", "checkpoint",
     "stopped", "run_dir"}. `config` (a dataclass or dict) is saved as run_dir/config.yaml (default:
@@ -526,363 +587,84 @@ def train(
     if cfg.grad_accum < 1 or cfg.max_steps < 0:
         raise LmforgeError("train.grad_accum must be >= 1 and train.max_steps >= 0")
     run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
-    di = dist_info(cfg.device)
-    if di.enabled and device.type == "cuda":
-        device = torch.device("cuda", di.local_rank)
-    if device.type == "cuda" and cfg.dtype == "bf16" and not torch.cuda.is_bf16_supported():
-        print("warning: this GPU has no bf16; training in fp16 with loss scaling")
-        cfg = dataclasses.replace(cfg, dtype="fp16")
-    main = di.is_main
-    ckpt_root = run_dir / "checkpoints"
-
-    # -- resume point (read before anything is written) --------------------------------------
-    latest = latest_checkpoint(run_dir) if (run_dir / "latest").exists() else None
-    if resume is True and latest is None:
-        raise LmforgeError(f"cannot resume: {run_dir} has no complete checkpoint ('latest')")
-    if resume is False and latest is not None:
-        raise LmforgeError(f"{run_dir} already holds a run (latest -> {latest.name}); pick another --out or resume it")
+    latest = _resume_point(run_dir, resume)
     state = torch.load(latest / "trainer_state.pt", map_location="cpu", weights_only=True) if latest else None
-
-    torch.manual_seed(cfg.seed + di.rank)
-    raw = model
-    raw.to(device)
+    run = _setup(model, loss_fn, batches, cfg, run_dir, params, hooks or TrainHooks())
+    run.flops_per_token = flops_per_token
     if state is not None:
-        missing = [n for n in state["model"] if n not in dict(raw.named_parameters(remove_duplicate=False))]
-        if missing:
-            raise LmforgeError(f"checkpoint {latest} has weights this model lacks: {missing[:3]}")
-        with torch.no_grad():
-            named = dict(raw.named_parameters(remove_duplicate=False))
-            for n, t in state["model"].items():
-                named[n].copy_(t.to(device))
-
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(raw)
-    if hasattr(batches, "set_rank"):
-        batches.set_rank(di.rank, di.world_size)
-
-    # the names of the tensors to train, so they survive FSDP re-wrapping parameters
-    if params is None:
-        params = [p for p in raw.parameters() if p.requires_grad]
-    params = list(params)
-    id_to_name = {id(p): n for n, p in raw.named_parameters()}
-
-    def by_name(ps):  # a tensor outside the model (rare) is kept as the tensor itself
-        return [id_to_name.get(id(p), p) for p in _dedupe(ps)]
-
-    if params and isinstance(params[0], dict):
-        group_spec = [dict(g, params=by_name(g["params"])) for g in params]
-    else:
-        group_spec = by_name(params)
-
-    # -- wrap -----------------------------------------------------------------------------
-    fwd_model = raw
-    if cfg.compile:
-        raw.compile()  # in place: names, attributes and state-dict keys stay as they are
-    if di.enabled:
-        if cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for mod in raw.modules():
-                if getattr(mod, "_lmforge_shard_unit", False) or type(mod).__name__ == "Block":
-                    fully_shard(mod)
-            fully_shard(raw)  # in place: `raw` keeps its class attributes (cfg, ...)
-        else:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            moe = any(hasattr(m, "aux_loss") for m in raw.modules())
-            fwd_model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None,
-                            find_unused_parameters=moe)  # MoE experts may get no tokens in a step
-    named_now = dict(raw.named_parameters())
-
-    def lookup(spec):
-        return [named_now[x] if isinstance(x, str) else x for x in spec]
-
-    if group_spec and isinstance(group_spec[0], dict):
-        groups = _param_groups([dict(g, params=lookup(g["params"])) for g in group_spec], cfg)
-    else:
-        groups = _param_groups(lookup(group_spec), cfg)
-    trainable = [p for g in groups for p in g["params"]]
-    extra_kw = {"fused": True} if device.type == "cuda" and not cfg.fsdp else {}
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra_kw)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16" and device.type == "cuda")
-
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
-    if state is not None:
-        step, tokens_seen, elapsed_before = int(state["step"]), int(state["tokens_seen"]), float(state["elapsed_s"])
-        if state.get("world_size", 1) != di.world_size:
-            raise LmforgeError(f"checkpoint was written by {state.get('world_size', 1)} processes; resume with the same number")
-        if cfg.fsdp and di.enabled:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(raw, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(state["optimizer"])
-        if "scaler" in state and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        if hasattr(batches, "load_state_dict"):
-            batches.load_state_dict(state["data"][di.rank])
-        _set_rng_state(state["rng"][di.rank])
-        if extra_state is not None and state.get("extra") is not None:
-            if hasattr(extra_state, "load_state_dict"):
-                extra_state.load_state_dict(state["extra"])
-            elif isinstance(extra_state, dict):
-                extra_state.clear()
-                extra_state.update(state["extra"])
-
-    # -- run folder -----------------------------------------------------------------------
-    metrics_path = run_dir / "metrics.jsonl"
-    history: list[dict] = []
-    history_all: list[dict] = []
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        from lmforge.config import save_yaml
-
-        save_yaml(config if config is not None else {"train": dataclasses.asdict(cfg)}, run_dir / "config.yaml")
-        # a killed run may have logged steps past its last checkpoint: forget them
-        kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        history_all = kept
-    _barrier(di)
-
+        _load_weights(run.raw, state, latest, run.device)
+        _resume(run, state, extra_state)
+    _open_run_folder(run, config)
     if save_fn is None:
         from lmforge.loading import save_hf
 
         def save_fn(m, d):
             save_hf(m, tokenizer, d)
 
-    def gather_model_state() -> dict:
-        if cfg.fsdp and di.enabled:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    result = _loop(run, state is not None, eval_fn, sample_fn, save_fn, extra_state, progress)
+    if result["checkpoint"] is None and latest is not None:
+        result["checkpoint"] = latest
+    return result
 
-            full = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            trainable_names = {n for n, p in raw.named_parameters(remove_duplicate=False) if p.requires_grad}
-            return {n: t for n, t in full.items() if n in trainable_names}
-        return {n: p.detach().cpu().clone() for n, p in raw.named_parameters(remove_duplicate=False) if p.requires_grad}
 
-    def save_checkpoint(at_step: int) -> Path:
-        data_states = _all_gather_objects(batches.state_dict() if hasattr(batches, "state_dict") else {}, di)
-        rng_states = _all_gather_objects(_rng_state(), di)
-        model_state = gather_model_state()
-        if cfg.fsdp and di.enabled:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def _resume_point(run_dir: Path, resume: bool | None) -> Path | None:
+    latest = latest_checkpoint(run_dir) if (run_dir / "latest").exists() else None
+    if resume is True and latest is None:
+        raise LmforgeError(f"cannot resume: {run_dir} has no complete checkpoint ('latest')")
+    if resume is False and latest is not None:
+        raise LmforgeError(f"{run_dir} already holds a run (latest -> {latest.name}); pick another --out or resume it")
+    return latest
 
-            opt_state = get_optimizer_state_dict(raw, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            opt_state = opt.state_dict()
-        final = ckpt_root / _step_dir_name(at_step)
-        if main:
-            tmp = ckpt_root / (final.name + ".tmp")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            save_model = _model_for_saving(raw, model_state) if cfg.fsdp and di.enabled else raw
-            save_fn(save_model, tmp)
-            pause = _test_save_sleep(at_step)
-            if pause:
-                time.sleep(pause)
-            extra = None
-            if extra_state is not None:
-                extra = extra_state.state_dict() if hasattr(extra_state, "state_dict") else dict(extra_state)
-            trainer_state = {
-                "step": at_step, "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + (time.time() - t_start),
-                "world_size": di.world_size, "model": model_state, "optimizer": opt_state,
-                "scheduler": {"step": at_step, "lr_factor": lr_factor(max(at_step - 1, 0), cfg)},
-                "data": data_states, "rng": rng_states, "extra": extra,
-                "train_config": dataclasses.asdict(cfg),
-            }
-            if scaler.is_enabled():
-                trainer_state["scaler"] = scaler.state_dict()
-            torch.save(trainer_state, tmp / "trainer_state.pt")
-            _fsync_tree(tmp)
-            if final.exists():  # the same step written before a crash left `latest` behind it
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(ckpt_root)
-            _write_latest(run_dir, final)
-            _prune(ckpt_root, cfg.keep_last, final)
-        _barrier(di)
-        return final
 
-    def run_evals(at_step: int) -> dict:
-        out = {}
-        if eval_fn is None and sample_fn is None:
-            return out
-        was_training = raw.training
-        raw.eval()
-        with torch.no_grad(), _autocast(device, cfg.dtype):
-            if eval_fn is not None:
-                out.update({k: _to_float(v) if isinstance(v, (int, float, torch.Tensor)) else v for k, v in (eval_fn(raw) or {}).items()})
-            if sample_fn is not None:
-                sample = sample_fn(raw)
-                if main and sample is not None:
-                    rec = {"step": at_step, **(sample if isinstance(sample, dict) else {"text": sample})}
-                    with open(run_dir / "samples.jsonl", "a") as f:
-                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    _print(f"[step {at_step}] sample: {rec.get('text', rec)!r}")
-        raw.train(was_training)
-        return out
-
-    bar = None
-
-    def _print(msg: str) -> None:
-        if not main:
-            return
-        if bar is not None:
-            bar.write(msg)
-        else:
-            print(msg, flush=True)
-
-    # -- loop -----------------------------------------------------------------------------
-    t_start = time.time()
-    raw.train()
-    if main and progress:
+def _loop(run: _Run, resumed: bool, eval_fn, sample_fn, save_fn, extra_state, progress: bool) -> dict:
+    cfg = run.cfg
+    run.t_start = run.window_t0 = time.time()
+    run.start_step = run.step
+    run.raw.train()
+    if run.main and progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True, leave=True)
+        run.bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", dynamic_ncols=True, leave=True)
     last_loss, last_record, stopped, ckpt = float("nan"), {}, "max_steps", None
-    window_tokens, window_t0 = 0, time.time()
-    last_saved = step if state is not None else -1
-    start_step = step
-    has_moe = any(type(m).__name__ == "MoE" for m in raw.modules())
-    step_sleep = float(os.environ.get("LMFORGE_TEST_STEP_SLEEP", "0") or 0)
-    while step < cfg.max_steps:
-        factor = lr_factor(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * factor * g.get("lr_scale", 1.0)
-        sums: dict[str, float] = {}
-        step_tokens = 0
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            sync = micro == cfg.grad_accum - 1
-            ctx = fwd_model.no_sync() if (di.enabled and not sync and hasattr(fwd_model, "no_sync")) else nullcontext()
-            with ctx:
-                with _autocast(device, cfg.dtype):
-                    loss, metrics = loss_fn(fwd_model, batch)
-                    metrics = dict(metrics or {})
-                    from lmforge.model import aux_losses
-
-                    aux = aux_losses(raw)
-                    total = loss + aux if isinstance(aux, torch.Tensor) else loss
-                scaler.scale(total / cfg.grad_accum).backward()
-            n_tok = metrics.pop("tokens", None)
-            step_tokens += int(_to_float(n_tok)) if n_tok is not None else _count_tokens(batch)
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            if isinstance(aux, torch.Tensor):
-                sums["aux_loss"] = sums.get("aux_loss", 0.0) + float(aux.detach())
-            if has_moe:
-                from lmforge.moe import router_metrics
-
-                metrics.update(router_metrics(raw))
-            for k, v in metrics.items():
-                if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool):
-                    sums[k] = sums.get(k, 0.0) + _to_float(v)
-        for m in raw.modules():  # drop the graph the MoE aux losses hold on to
-            if getattr(m, "aux_loss", None) is not None:
-                m.aux_loss = None
-        if scaler.is_enabled():
-            scaler.unscale_(opt)
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if step_sleep:
-            time.sleep(step_sleep)
-        window_tokens += step_tokens
-
-        do_log = step % max(1, cfg.log_every) == 0 or step == cfg.max_steps
-        do_eval = (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == cfg.max_steps
-        over_time = cfg.time_limit_s > 0 and elapsed_before + time.time() - t_start >= cfg.time_limit_s
-        if di.enabled:  # every rank must agree to stop, or the next collective hangs
-            flag = torch.tensor([1.0 if over_time else 0.0])
-            import torch.distributed as dist
-
-            if device.type == "cuda":
-                flag = flag.to(device)
-            dist.broadcast(flag, 0)
-            over_time = bool(flag.item() > 0)
-        if over_time:
-            do_log = do_eval = True
-        if do_log:
-            vals = {k: v / cfg.grad_accum for k, v in sums.items()}
-            if grad_norm is not None:
-                vals["grad_norm"] = float(grad_norm)
-            keys = sorted(vals)
-            tok = window_tokens
-            if di.enabled:
-                import torch.distributed as dist
-
-                t = torch.tensor([vals[k] for k in keys] + [float(tok)], dtype=torch.float64,
-                                 device=device if device.type == "cuda" else "cpu")
-                dist.all_reduce(t)
-                vals = {k: float(t[i]) / di.world_size for i, k in enumerate(keys)}
-                if grad_norm is not None:
-                    vals["grad_norm"] = float(grad_norm)  # already global after DDP's all-reduce
-                tok = int(t[-1])
-            now = time.time()
-            dt = max(now - window_t0, 1e-9)
-            tokens_seen_now = tokens_seen + tok
-            elapsed = elapsed_before + now - t_start
-            rate_steps = (step - start_step) / max(now - t_start, 1e-9)
-            record = {"step": step, "loss": vals.pop("loss"), "lr": cfg.lr * factor, "tokens_per_s": tok / dt,
-                      "tokens": tokens_seen_now, "elapsed_s": round(elapsed, 3),
-                      "eta_s": round((cfg.max_steps - step) / max(rate_steps, 1e-9), 1), **vals}
-            tokens_seen = tokens_seen_now
-            window_tokens, window_t0 = 0, now
+    last_saved = run.step if resumed else -1
+    while run.step < cfg.max_steps:
+        sums, step_tokens, grad_norm = _step(run)
+        run.step += 1
+        run.window_tokens = run.window_tokens + step_tokens
+        if run.hooks.after_step is not None:
+            run.hooks.after_step(run.step)
+        do_log = run.step % max(1, cfg.log_every) == 0 or run.step == cfg.max_steps
+        do_eval = (cfg.eval_every > 0 and run.step % cfg.eval_every == 0) or run.step == cfg.max_steps
+        over_time = cfg.time_limit_s > 0 and agree(
+            run.elapsed_before + time.time() - run.t_start >= cfg.time_limit_s, run.di, run.device)
+        record = _log_record(run, sums, grad_norm) if (do_log or over_time) else None
+        if record is not None:
             last_loss = record["loss"]
-        else:
-            record = None
-        if do_eval:
-            ev = run_evals(step)
+        if do_eval or over_time:
+            ev = _run_evals(run, eval_fn, sample_fn)
             if ev:
-                record = {**(record or {"step": step}), **ev}
-            window_t0 = time.time()  # tokens/s measures training, not evaluation
-        if record is not None and main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            history.append(record)
-            history_all.append(record)
+                record = {**(record or {"step": run.step}), **ev}
+            run.window_t0 = time.time()  # tokens/s measures training, not evaluation
+        if record is not None and run.main:
+            _write_record(run, record, do_eval or over_time)
             last_record = record
-            if bar is not None:
-                bar.set_postfix(loss=f"{record.get('loss', last_loss):.4f}", lr=f"{cfg.lr * factor:.2e}",
-                                tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
-            if do_eval or over_time:
-                evs = {k: v for k, v in record.items() if k.startswith(("val", "eval"))}
-                if evs:
-                    _print(f"[step {step}] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in evs.items()))
-                _plots(history_all, run_dir)
-        if bar is not None:
-            bar.update(1)
-        if (cfg.save_every > 0 and step % cfg.save_every == 0) and step != cfg.max_steps and not over_time:
-            ckpt = save_checkpoint(step)
-            last_saved = step
-            window_t0 = time.time()
+        if run.bar is not None:
+            run.bar.update(1)
+        if cfg.save_every > 0 and run.step % cfg.save_every == 0 and run.step != cfg.max_steps and not over_time:
+            ckpt, last_saved = _save(run, save_fn, extra_state), run.step
+            run.window_t0 = time.time()
         if over_time:
             stopped = "time_limit"
-            _print(f"time limit of {cfg.time_limit_s:.0f}s reached at step {step}; saving and stopping")
+            run.say(f"time limit of {cfg.time_limit_s:.0f}s reached at step {run.step}; saving and stopping")
             break
-    if bar is not None:
-        bar.close()
-    if step != last_saved:
-        ckpt = save_checkpoint(step)
-    elif ckpt is None and latest is not None:
-        ckpt = latest
-    if main:
-        _plots(history_all, run_dir)
-    return {"step": step, "loss": last_loss, "metrics": last_record, "history": history, "checkpoint": ckpt,
-            "stopped": stopped, "run_dir": run_dir}
-
-
-def _plots(records: list[dict], run_dir: Path) -> None:
-    try:
-        plot_metrics(records, run_dir / "plots")
-    except Exception as e:  # a plot must never kill a training run
-        print(f"warning: could not draw plots: {e}")
+    if run.bar is not None:
+        run.bar.close()
+    if run.step != last_saved:
+        ckpt = _save(run, save_fn, extra_state)
+    if run.main:
+        safe_plots(run.history_all, run.run_dir)
+    return {"step": run.step, "loss": last_loss, "metrics": last_record, "history": run.history, "checkpoint": ckpt,
+            "stopped": stopped, "run_dir": run.run_dir}
 
 
 def _model_for_saving(raw: nn.Module, full_state: dict) -> nn.Module:

@@ -30,6 +30,7 @@ class Config:
     out: str | None = field(default=None, metadata={"help": "run folder (default runs/eval-<time>)"})
     dtype: str = "fp32"
     quant: str = "none"
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present, else MPS, else CPU) | cpu | cuda | cuda:N | mps"})
     threads: int = field(default=0, metadata={"help": "torch threads (0 = torch's default)"})
     batch_tokens: int = field(default=2048, metadata={"help": "tokens per forward when scoring"})
     gen_batch_size: int = 8
@@ -76,7 +77,7 @@ def run(cfg: Config) -> int:
         bigbench=cfg.bigbench, humaneval=cfg.humaneval,
     )
     out = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
-    run_rec, _ = evaluate(cfg.model, settings, dtype=cfg.dtype, quant=cfg.quant, out=out, progress=cfg.progress,
+    run_rec, _ = evaluate(cfg.model, settings, dtype=cfg.dtype, quant=cfg.quant, device=cfg.device, out=out, progress=cfg.progress,
                           remote_model=cfg.remote_model, log=lambda m: print(m, file=sys.stderr),
                           meta={"command": "lmforge " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else None})
     from lmforge.config import save_yaml

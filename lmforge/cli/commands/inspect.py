@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DEFAULT_PROMPT = "The capital of France is"
+DEVICE_HELP = "auto (CUDA when present, else MPS, else CPU) | cpu | cuda | cuda:N | mps"
 
 
 @dataclass
@@ -20,6 +21,7 @@ class LensConfig:
     last: int = field(default=24, metadata={"help": "show at most this many final positions (0 = all)"})
     dtype: str = "fp32"
     quant: str = "none"
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
 
 @dataclass
@@ -32,6 +34,7 @@ class AttentionConfig:
     last: int = field(default=40, metadata={"help": "show at most this many final positions (0 = all)"})
     dtype: str = "fp32"
     quant: str = "none"
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
 
 
 def _prompt_ids(lm, prompt: str, chat: bool) -> list[int]:
@@ -52,7 +55,7 @@ def logit_lens(cfg: LensConfig) -> int:
     import lmforge
     from lmforge.inspect.logit_lens import lens_table, logit_lens as lens, render_lens_png
 
-    lm = lmforge.load(cfg.model, dtype=cfg.dtype, quant=cfg.quant)
+    lm = lmforge.load(cfg.model, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant)
     ids = _prompt_ids(lm, cfg.prompt, cfg.chat)
     res = lens(lm.model, lm.tokenizer, ids, top_k=max(1, cfg.top_k))
     out = Path(cfg.out)
@@ -72,7 +75,7 @@ def attention(cfg: AttentionConfig) -> int:
     import lmforge
     from lmforge.inspect.attention import attention_maps, render_attention_png
 
-    lm = lmforge.load(cfg.model, dtype=cfg.dtype, quant=cfg.quant)
+    lm = lmforge.load(cfg.model, dtype=cfg.dtype, device=cfg.device, quant=cfg.quant)
     ids = _prompt_ids(lm, cfg.prompt, cfg.chat)
     res = attention_maps(lm.model, ids, cfg.layer, lm.tokenizer)
     png = render_attention_png(res, Path(cfg.out) / f"attention_layer{cfg.layer}.png",

@@ -6,7 +6,9 @@
 The base is read again from its own files at full precision (fp32), never from the bf16 copy a
 LoRA run trains against by default; the update is added in fp32 and only the sum is cast to
 `--dtype`. The output loads in `transformers` (AutoModelForCausalLM.from_pretrained), in lmforge,
-and converts to GGUF like any HF folder.
+and converts to GGUF like any HF folder. `--device` (auto: CUDA when present) is where the merge is
+computed; the files are written from CPU copies, the same on any device (up to the rounding of
+the fp32 update).
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ class Config:
     adapter: str = ""  # adapter folder (adapter_config.json + adapter_model.safetensors)
     out: str = ""
     dtype: str = "fp32"  # fp32 | bf16 | fp16 weights in the output
+    device: str = "auto"  # where to merge: auto (CUDA when present, else MPS, else CPU) | cpu | cuda | cuda:N | mps
 
 
 def run(cfg: Config) -> int:
     from pathlib import Path
 
+    from lmforge.device import resolve_device
     from lmforge.errors import LmforgeError
     from lmforge.finetune.lora import load_adapter_model
     from lmforge.loading import save_hf
@@ -31,6 +35,7 @@ def run(cfg: Config) -> int:
 
     if not cfg.out:
         raise LmforgeError("--out is required (the folder for the merged model)")
+    device = resolve_device(cfg.device)
     if cfg.adapter:
         adapter, base = Path(cfg.adapter), cfg.model
         if adapter_folder(adapter) is not None:
@@ -44,7 +49,7 @@ def run(cfg: Config) -> int:
             raise LmforgeError(f"{cfg.model or 'the default model'} holds no LoRA adapter; pass --model RUN_OR_ADAPTER or --adapter DIR")
     dtype = parse_dtype(cfg.dtype)
     # load_adapter_model loads the base in fp32 whatever the training run stored it in, merges, casts
-    model, tok = load_adapter_model(adapter, base=base, dtype=dtype)
-    save_hf(model, tok, cfg.out, dtype=dtype)
+    model, tok = load_adapter_model(adapter, base=base, dtype=dtype, device=device)
+    save_hf(model, tok, cfg.out, dtype=dtype)  # save_hf moves every tensor to the CPU
     print(f"merged {adapter} into {base or 'its base model'}; wrote {cfg.out}")
     return 0
