@@ -11,8 +11,11 @@ from lmforge.engine import SamplingParams, generate_text, stream_text
 from lmforge.errors import LmforgeError
 
 
-def sampling_params(**kw) -> SamplingParams:
-    """SamplingParams from keyword options, checked (`draft="auto"` etc., see SamplingParams)."""
+def sampling_params(model=None, **kw) -> SamplingParams:
+    """SamplingParams from keyword options, checked (`draft="auto"` etc., see SamplingParams);
+    the sampling options not given come from `model`'s recommendation (generation_config.json,
+    else top-k 40, top-p 0.95, min-p 0.05). Temperature defaults to 0: greedy."""
+    from lmforge.engine import with_recommended
     from lmforge.fast.speculative import check_draft
 
     known = {f.name for f in fields(SamplingParams)}
@@ -20,6 +23,8 @@ def sampling_params(**kw) -> SamplingParams:
     if bad:
         raise LmforgeError(f"unknown generation option '{bad[0]}' (known: {', '.join(sorted(known))})")
     p = SamplingParams(**kw)
+    if model is not None:
+        p = with_recommended(p, model, set(kw))
     check_draft(p.draft, p)
     return p
 
@@ -48,7 +53,7 @@ class LM:
         "none" (default), "auto", "ngram", "self", "self:LAYERS", a draft model's path or an LM)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [self.tokenizer.encode(p) for p in prompts]
-        params = sampling_params(**kw)
+        params = sampling_params(self.model, **kw)
         if stream:
             if len(ids) != 1:
                 raise LmforgeError("stream=True takes one prompt")
@@ -70,7 +75,7 @@ class LM:
                 raise LmforgeError("stream=True with executed tools is not supported; use chat_with_tools(on_text=...)")
             return self.chat_with_tools(messages, tools, **kw)[-1]["content"]
         ids = self.encode_chat(messages, tools=tools)
-        params = sampling_params(**kw)
+        params = sampling_params(self.model, **kw)
         if stream:
             return (piece for _, piece in stream_text(self.model, self.tokenizer, [ids], params))
         return generate_text(self.model, self.tokenizer, [ids], params)[0]["text"]
@@ -84,7 +89,7 @@ class LM:
         if isinstance(tools, str) or (tools and isinstance(next(iter(tools)), str)):
             tools = get_tools(tools)
         schemas = [t.schema() for t in tools]
-        params = sampling_params(**kw)
+        params = sampling_params(self.model, **kw)
         params.stop = list(params.stop) + [s for s in STOP_STRINGS if s not in params.stop]
 
         def generate_fn(msgs: list[dict]) -> str:

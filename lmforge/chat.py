@@ -141,3 +141,14 @@ def render_prompt(tokenizer, messages: list[dict], tools=None) -> list[int]:
         return tokenizer.encode(render_completion_text(messages))
     text = render_text(tokenizer, messages, add_generation_prompt=True, tools=tools)
     return tokenizer.encode(text, add_bos=getattr(tokenizer, "add_bos", False) and not text.startswith(tokenizer.bos_token or "\0"))
+
+
+def with_chat_format(tokenizer):
+    """`tokenizer`, given ChatML when it has no chat template: a base model has no chat format
+    yet, and every stage that trains it on conversations (SFT, reward model, DPO, RL) saves it
+    with ChatML, so the prompt and the conversation render the same way."""
+    if tokenizer is None or tokenizer.chat_template:
+        return tokenizer
+    from dataclasses import replace
+
+    return replace(tokenizer, chat_template=FALLBACK_TEMPLATE)

@@ -24,6 +24,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0 = off
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -31,6 +32,29 @@ class SamplingParams:
     # speculative drafting for a single greedy sequence on the fast decoder (lmforge.fast.speculative):
     # none | auto | ngram | self | self:LAYERS | a draft model's path (or a loaded model); batches ignore it
     draft: object = "none"
+
+
+# What a user gets when neither they nor the model's generation_config.json say otherwise:
+# llama.cpp's defaults, which keep small models on track at ordinary temperatures.
+RECOMMENDED_SAMPLING = {"top_k": 40, "top_p": 0.95, "min_p": 0.05}
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def recommended_sampling(model) -> dict:
+    """The sampling the model recommends (its generation_config.json, kept in cfg.extra by the
+    loader) over llama.cpp's defaults. `temperature` is present only when the model names one."""
+    rec = dict(RECOMMENDED_SAMPLING)
+    rec.update((getattr(getattr(model, "cfg", None), "extra", None) or {}).get("sampling", {}))
+    return rec
+
+
+def with_recommended(params: "SamplingParams", model, given: set[str]) -> "SamplingParams":
+    """`params` with every sampling field the caller did not give (not in `given`) taken from
+    the model's recommendation; temperature stays as given (greedy unless set)."""
+    import dataclasses
+
+    rec = {k: v for k, v in recommended_sampling(model).items() if k not in given and k != "temperature"}
+    return dataclasses.replace(params, **rec)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -57,6 +81,9 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
         drop[..., 0] = False  # even a top_p that rounds to 0 keeps the most likely token
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    if p.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

@@ -154,7 +154,8 @@ def test_completions_endpoint(client):
 
 
 def test_errors_have_openai_shape(client):
-    assert_error(chat(client, model="gpt-4"), 404, code="model_not_found", param="model")
+    r = chat(client, model="gpt-4")  # any name reaches the loaded model; the reply names the real one
+    assert r.status_code == 200 and r.json()["model"] == client.get("/v1/models").json()["data"][0]["id"]
     assert_error(client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
     assert_error(chat(client, messages=[]), 400, param="messages")
     assert_error(chat(client, temperature=3), 400, param="temperature")

@@ -97,6 +97,7 @@ def test_generate_vote_prints_the_majority(dirs, capsys, monkeypatch):
 
 def test_generate_vote_equals_the_library_call(dirs, tiny, capsys):
     from lmforge.chat import render_prompt
+    from lmforge.engine import recommended_sampling
 
     policy, _ = dirs
     r = cli(capsys, "generate", *base_args(policy), "--prompt", QUESTION, "--system2", "vote", "--system2-n", "4",
@@ -105,8 +106,9 @@ def test_generate_vote_equals_the_library_call(dirs, tiny, capsys):
     assert "temperature" not in r.stderr  # given by the user: no note
     got = json.loads(r.stdout)
     model, tok = tiny
-    ref = system2_generate(model, tok, render_prompt(tok, MSGS), SamplingParams(max_new_tokens=6, temperature=0.9, seed=3),
-                           mode="vote", n=4)
+    ref = system2_generate(model, tok, render_prompt(tok, MSGS), SamplingParams(max_new_tokens=6, temperature=0.9, seed=3,
+                                                                             **recommended_sampling(model)),
+                           mode="vote", n=4)  # the CLI's sampling: the model's recommended top-k/top-p/min-p
     assert got["text"] == ref["text"] and got["system2"]["candidates"] == ref["candidates"]
     assert got["system2"]["index"] == ref["index"] and got["system2"]["votes"] == ref["votes"]
     assert got["completion_tokens"] == ref["completion_tokens"]
@@ -190,13 +192,16 @@ def post_chat(client, **kw):
 @pytest.mark.parametrize("mode", ["vote", "best_of_n"])
 def test_server_system2_equals_the_library(server, tiny, dirs, mode):
     from lmforge.chat import render_prompt
+    from lmforge.engine import recommended_sampling
 
     model, tok = tiny
     r = post_chat(server, system2={"mode": mode, "n": 4})
     assert r.status_code == 200, r.text
     body = r.json()
     (choice,) = body["choices"]
-    ref = system2_generate(model, tok, render_prompt(tok, MSGS), SamplingParams(max_new_tokens=6, temperature=0.9, seed=7),
+    # the server fills what the request leaves out (top-k, top-p, min-p) from the model's recommendation
+    params = SamplingParams(max_new_tokens=6, temperature=0.9, seed=7, **recommended_sampling(model))
+    ref = system2_generate(model, tok, render_prompt(tok, MSGS), params,
                            mode=mode, n=4, reward_model=str(dirs[1]), messages=MSGS)
     assert choice["message"]["content"] == ref["text"]
     info = choice["system2"]
@@ -216,6 +221,8 @@ def test_server_system2_equals_the_library(server, tiny, dirs, mode):
 
 
 def test_server_completions_system2(server, tiny):
+    from lmforge.engine import recommended_sampling
+
     model, tok = tiny
     prompt = "2 + 3 ="
     r = server.post("/v1/completions", json={"model": "tiny", "prompt": [prompt, prompt + " 5"], "max_tokens": 5,
@@ -224,7 +231,8 @@ def test_server_completions_system2(server, tiny):
     choices = r.json()["choices"]
     assert [c["index"] for c in choices] == [0, 1]
     for c, p in zip(choices, [prompt, prompt + " 5"]):
-        ref = system2_generate(model, tok, tok.encode(p), SamplingParams(max_new_tokens=5, temperature=1.0, seed=2), mode="vote", n=3)
+        params = SamplingParams(max_new_tokens=5, temperature=1.0, seed=2, **recommended_sampling(model))
+        ref = system2_generate(model, tok, tok.encode(p), params, mode="vote", n=3)
         assert c["text"] == ref["text"] and c["system2"]["candidates"] == ref["candidates"]
     # streamed: one chunk per prompt, with the same text
     s = server.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 5, "temperature": 1.0, "seed": 2,

@@ -102,7 +102,9 @@ def lm_save_fn(tok, settings, base_id: str):
 def load_policy(model_path, dtype: str = "fp32"):
     from lmforge.loading import load_model
 
+    from lmforge.chat import with_chat_format
+
     model, tok = load_model(model_path, dtype=dtype)
     if tok is None:
         raise LmforgeError(f"model {model_path} has no tokenizer; alignment needs its chat template")
-    return model, tok
+    return model, with_chat_format(tok)

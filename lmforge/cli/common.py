@@ -21,10 +21,12 @@ class ModelArgs:
 @dataclass
 class SamplingArgs:
     max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    temperature: float = 0.0  # 0 = greedy
+    # unset: the model's generation_config.json, else llama.cpp's top-k 40, top-p 0.95, min-p 0.05
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None  # unset: the model's recommendation, else 1.0 (off)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     # speculative decoding of one greedy reply (same text, faster): none | auto | ngram | self |
@@ -33,16 +35,23 @@ class SamplingArgs:
 
 
 def sampling_from(args) -> SamplingParams:
-    """SamplingParams from SamplingArgs fields; a draft that cannot work is a one-line error here."""
+    """SamplingParams from SamplingArgs fields (unset ones off until `with_model_sampling`); a
+    draft that cannot work is a one-line error here, before the model loads."""
+    from lmforge.engine import SAMPLING_KEYS
     from lmforge.fast.speculative import check_draft
 
-    p = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=list(args.stop),
-        draft=getattr(args, "draft", "none"),
-    )
+    given = {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k, None) is not None}
+    p = SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.seed, stop=list(args.stop),
+                       draft=getattr(args, "draft", "none"), **given)
     check_draft(p.draft, p)
     return p
+
+
+def with_model_sampling(params: SamplingParams, args, model) -> SamplingParams:
+    """`params` with the sampling flags left unset taken from the loaded model's recommendation."""
+    from lmforge.engine import SAMPLING_KEYS, with_recommended
+
+    return with_recommended(params, model, {k for k in SAMPLING_KEYS if getattr(args, k, None) is not None})
 
 
 def load_lm(args):

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +50,19 @@ def resolve_tokenizer(spec):
     folder / run folder; None = the default model) or an already loaded tokenizer."""
     if spec is not None and not isinstance(spec, (str, os.PathLike)):
         return spec
-    from lmforge.loading import load_tokenizer  # imports torch: only when a path must be resolved
+    p = Path(spec).expanduser() if spec is not None and str(spec) else None  # "" means the default model
+    if p is not None and ((p.suffix == ".json" and p.is_file()) or _plain_tokenizer_dir(p)):
+        from lmforge.tokenizer import Tokenizer
+
+        return Tokenizer.from_dir(p)  # what load_tokenizer does here too, without its seconds of torch import
+    from lmforge.loading import load_tokenizer  # imports torch: only when a model must be resolved
 
     return load_tokenizer(spec)
+
+
+def _plain_tokenizer_dir(p: Path) -> bool:
+    """A folder holding tokenizer.json that is not a run folder (those resolve to a checkpoint)."""
+    return (p / "tokenizer.json").is_file() and not os.path.lexists(p / "latest") and not (p / "checkpoints").exists()
 
 
 def backend_of(tok):
@@ -116,8 +128,9 @@ class ShardWriter:
         self.f = open(self.out / name, "wb")
         self.shards.append({"file": name, "tokens": 0})
 
-    def write(self, ids: np.ndarray, nbytes: int) -> None:
-        self.docs += 1
+    def write(self, ids: np.ndarray, docs: int, nbytes: int) -> None:
+        """`ids`: whole documents, EOS included; a shard boundary may fall inside one."""
+        self.docs += docs
         self.bytes += nbytes
         pos = 0
         while pos < len(ids):
@@ -138,23 +151,42 @@ class ShardWriter:
         return {"docs": self.docs, "tokens": self.tokens, "bytes": self.bytes, "shards": self.shards}
 
 
-_worker_tok = None
+@dataclass
+class EncodedBatch:
+    ids: np.ndarray  # every document's ids followed by EOS, concatenated, in the shards' dtype
+    lens: np.ndarray  # tokens per document, EOS included
+    nbytes: np.ndarray  # UTF-8 bytes per document
+    val: np.ndarray  # True where the document belongs to the val split
 
 
-def _init_worker(tokenizer_json: str) -> None:
-    global _worker_tok
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
-    from tokenizers import Tokenizer
+def batch_encoder(be, eos_id: int, dtype: np.dtype, val_fraction: float, seed: int):
+    """A function from a list of documents to their EncodedBatch."""
+    encode_batch = getattr(be, "encode_batch_fast", be.encode_batch)  # same ids; skips the offsets (tokenizers >= 0.20)
 
-    _worker_tok = Tokenizer.from_str(tokenizer_json)
+    def encode(docs) -> EncodedBatch:
+        texts = [d.text for d in docs]
+        ids = [e.ids for e in encode_batch(texts, add_special_tokens=False)]
+        for x in ids:
+            x.append(eos_id)
+        lens = np.fromiter(map(len, ids), np.int64, len(ids))
+        flat = np.fromiter(chain.from_iterable(ids), dtype, int(lens.sum()))  # one copy, no per-document arrays
+        nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), np.int64, len(texts))
+        val = np.fromiter((is_val(d.id, val_fraction, seed) for d in docs), bool, len(docs))
+        return EncodedBatch(flat, lens, nbytes, val)
+
+    return encode
 
 
-def _encode(texts: list[str], tok=None) -> list[np.ndarray]:
-    tok = tok or _worker_tok
-    return [np.asarray(e.ids, dtype=np.uint32) for e in tok.encode_batch(texts, add_special_tokens=False)]
+def write_batch(writers: dict[str, ShardWriter], b: EncodedBatch) -> None:
+    """Each split's documents of the batch, in input order, as one write per split."""
+    for split, in_split in (("train", ~b.val), ("val", b.val)):
+        if in_split.all():
+            writers[split].write(b.ids, len(in_split), int(b.nbytes.sum()))
+        elif in_split.any():
+            writers[split].write(b.ids[np.repeat(in_split, b.lens)], int(in_split.sum()), int(b.nbytes[in_split].sum()))
 
 
-def _batches(docs, stats: ReadStats, max_docs: int = 512, max_chars: int = 4 << 20):
+def _batches(docs, stats: ReadStats, max_docs: int = 512, max_chars: int = 1 << 20):
     """(documents, input bytes read up to them) in groups of about `max_chars` characters."""
     batch, size = [], 0
     for d in docs:
@@ -165,6 +197,48 @@ def _batches(docs, stats: ReadStats, max_docs: int = 512, max_chars: int = 4 << 
             batch, size = [], 0
     if batch:
         yield batch, stats.bytes_read
+
+
+def encode_ahead(encode, batches, workers: int):
+    """(encode(docs), mark) for each (docs, mark) of `batches`, in input order, with up to `workers`
+    batches encoding at once.
+
+    Threads, not processes: encode_batch releases the GIL and spreads a batch's documents over
+    the Rust (Rayon) thread pool, so threads cost no process start-up (a spawned pool took seconds
+    to import) and no pickling of texts and ids, and nothing forks after Rayon started (the case
+    TOKENIZERS_PARALLELISM=false exists for). Several batches at once keep the cores busy while
+    one long document, which Rayon cannot split, finishes; with TOKENIZERS_PARALLELISM=false they
+    are the only parallelism. At most workers + 1 batches are held, so memory stays bounded.
+    """
+    with ThreadPoolExecutor(workers, thread_name_prefix="lmforge-tokenize") as pool:
+        pending: deque = deque()
+        try:
+            for docs, mark in batches:
+                pending.append((pool.submit(encode, docs), mark))
+                if len(pending) > workers:
+                    yield _result(pending.popleft())
+            while pending:
+                yield _result(pending.popleft())
+        finally:
+            for f, _ in pending:
+                f.cancel()
+
+
+def _result(pending_batch):
+    future, mark = pending_batch
+    return future.result(), mark
+
+
+def plain_backend(be):
+    """`be`, or a copy without padding and truncation, which would add pad ids or cut documents."""
+    if be.padding is None and be.truncation is None:
+        return be
+    from tokenizers import Tokenizer
+
+    be = Tokenizer.from_str(be.to_str())
+    be.no_padding()
+    be.no_truncation()
+    return be
 
 
 def _describe(tokenizer) -> str:
@@ -193,7 +267,8 @@ def prepare(
     progress: bool = True,
     log=print,
 ) -> PrepareResult:
-    """Tokenize documents into shards + manifest (see the module docstring)."""
+    """Tokenize documents into shards + manifest (see the module docstring). `workers`: batches
+    tokenized at once (default: CPU count, at most 8), see encode_ahead."""
     if not 0 <= val_fraction < 1:
         raise LmforgeError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
@@ -215,42 +290,22 @@ def prepare(
     total = total_bytes(items)
     writers = {s: ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
     workers = max(1, workers if workers is not None else min(os.cpu_count() or 1, 8))
+    encode = batch_encoder(plain_backend(be), eos_id, dtype, val_fraction, seed)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress, smoothing=0.1)
     t0 = time.time()
     last = 0
-
-    def consume(batch, encoded, read_mark):
-        nonlocal last
-        for d, ids in zip(batch, encoded):
-            split = "val" if is_val(d.id, val_fraction, seed) else "train"
-            writers[split].write(np.append(ids, np.uint32(eos_id)), len(d.text.encode("utf-8")))
-        bar.update(read_mark - last)  # the bar shows input tokenized, not input read ahead
-        last = read_mark
-        ntok = writers["train"].tokens + writers["val"].tokens
-        bar.set_postfix_str(f"{ntok / max(time.time() - t0, 1e-9):,.0f} tok/s, {ntok:,} tokens", refresh=False)
-
     docs = iter_documents(None, on_error=on_error, text_field=text_field, stats=stats, items=items)
     try:
-        if workers == 1:
-            for batch, mark in _batches(docs, stats):
-                consume(batch, _encode([d.text for d in batch], be), mark)
-        else:
-            # spawn, not fork: the parent may hold torch / tokenizers threads. At most 2 batches per
-            # worker are in flight, so memory stays bounded however large the corpus is.
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(be.to_str(),)) as pool:
-                pending: deque = deque()
-                for batch, mark in _batches(docs, stats):
-                    pending.append((batch, mark, pool.apply_async(_encode, ([d.text for d in batch],))))
-                    while len(pending) > 2 * workers:
-                        b, m, r = pending.popleft()
-                        consume(b, r.get(), m)
-                while pending:
-                    b, m, r = pending.popleft()
-                    consume(b, r.get(), m)
+        with closing(encode_ahead(encode, _batches(docs, stats), workers)) as encoded:
+            for batch, mark in encoded:
+                write_batch(writers, batch)
+                bar.update(mark - last)  # the bar shows input tokenized, not input read ahead
+                last = mark
+                ntok = writers["train"].tokens + writers["val"].tokens
+                bar.set_postfix_str(f"{ntok / max(time.time() - t0, 1e-9):,.0f} tok/s, {ntok:,} tokens", refresh=False)
     finally:
         bar.close()
         results = {s: w.close() for s, w in writers.items()}

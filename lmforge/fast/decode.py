@@ -256,7 +256,11 @@ class FastDecoder:
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(1, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
             seen[0, torch.tensor(prompt, device=self.device)] = True
-        self.reset(capacity)
+        graph = _graph_backend(self)  # CUDA graphs for the per-token steps (None: eager steps)
+        if graph is None:
+            self.reset(capacity)
+        else:
+            graph.begin(capacity)
         logits = self.forward(torch.tensor(prompt, device=self.device))
         produced: list[int] = []
         buf = torch.empty(1, dtype=torch.long, device=self.device)
@@ -276,8 +280,22 @@ class FastDecoder:
                 return
             if self.pos + 1 > capacity or len(produced) >= params.max_new_tokens:
                 return
-            buf[0] = tok
-            logits = self.forward(buf)
+            if graph is None:
+                buf[0] = tok
+                logits = self.forward(buf)
+            else:
+                logits = graph.step(tok)
+
+
+# -- CUDA graph backend (lmforge.fast.cuda_graph) -----------------------------------------
+def _graph_backend(fast: FastDecoder):
+    """The GraphDecoder for `fast` on CUDA (unless LMFORGE_CUDA_GRAPHS=0 or a layer is
+    quantized); None elsewhere, and the per-token steps stay on `fast.forward`."""
+    if fast.device.type != "cuda":
+        return None
+    from lmforge.fast import cuda_graph
+
+    return cuda_graph.graph_decoder_for(fast) if cuda_graph.wanted(fast) else None
 
 
 class _CfgHolder:

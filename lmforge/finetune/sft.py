@@ -388,13 +388,9 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
 
     model, tok = load_model(cfg.model, dtype=dtype)
-    if tok is not None and not tok.chat_template:
-        from dataclasses import replace
+    from lmforge.chat import with_chat_format
 
-        from lmforge.chat import FALLBACK_TEMPLATE
-
-        # a base model has no chat format yet: train and save it with ChatML
-        tok = replace(tok, chat_template=FALLBACK_TEMPLATE)
+    tok = with_chat_format(tok)  # a base model is trained (and saved) with ChatML
     if tok is None:
         raise LmforgeError(f"model {cfg.model} has no tokenizer; SFT needs its chat template")
     max_len = min(cfg.max_seq_len, model.cfg.max_seq_len)

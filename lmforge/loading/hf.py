@@ -135,7 +135,29 @@ def read_hf_config(folder: Path) -> Config:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise LmforgeError(f"{path} is not valid JSON: {e}") from None
-    return config_from_hf(hf, str(path))
+    cfg = config_from_hf(hf, str(path))
+    sampling = read_generation_config(folder)
+    if sampling:
+        cfg.extra["sampling"] = sampling
+    return cfg
+
+
+def read_generation_config(folder: Path) -> dict:
+    """The sampling a model folder recommends (generation_config.json: temperature, top_k, top_p,
+    min_p, repetition_penalty); {} when absent, unreadable, or when it asks for greedy decoding."""
+    path = folder / "generation_config.json"
+    try:
+        gen = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        print(f"warning: {path} is not valid JSON; using lmforge's sampling defaults")
+        return {}
+    if not isinstance(gen, dict) or gen.get("do_sample") is False:
+        return {}
+    out = {}
+    for key, kind in (("temperature", float), ("top_k", int), ("top_p", float), ("min_p", float), ("repetition_penalty", float)):
+        if isinstance(gen.get(key), (int, float)) and not isinstance(gen.get(key), bool):
+            out[key] = kind(gen[key])
+    return out
 
 
 def iter_hf_tensors(folder: Path):

@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge import __version__
-from lmforge.engine import SamplingParams
+from lmforge.engine import SamplingParams, recommended_sampling
 from lmforge.errors import LmforgeError
 from lmforge.serve.json_mode import key_constraint as json_mode_keys
 from lmforge.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, error_body
@@ -143,7 +143,6 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
         reward_model = get_reward_model(cfg.reward_model)
     sched = Scheduler(model, tokenizer, slots=cfg.slots, ctx=cfg.ctx, max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk)
     model_id = cfg.model_id or model_name(model)
-    aliases = {model_id, "default", model_id.split("/")[-1]}
     key_digest = hashlib.sha256(cfg.api_key.encode()).digest() if cfg.api_key else None
     created = _now()
 
@@ -202,8 +201,9 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     def check_model(name: str):
-        if name not in aliases:
-            raise APIError(404, f"The model '{name}' does not exist (this server serves '{model_id}').", param="model", code="model_not_found")
+        """Any name reaches the one loaded model (as llama-server and Ollama do): clients that
+        insist on a model name of their own work unchanged; responses carry the real id."""
+        return model_id
 
     def model_card():
         return {"id": model_id, "object": "model", "created": created, "owned_by": "lmforge", "context_length": sched.ctx}
@@ -297,16 +297,22 @@ class ChatPrep:
     messages: list[dict] | None = None  # the conversation as rendered (a reward model scores it)
 
 
-def _sampling(body, max_tokens: int) -> SamplingParams:
-    temperature = 1.0 if body.temperature is None else body.temperature
-    top_p = 1.0 if body.top_p is None else body.top_p
+def _sampling(body, max_tokens: int, rec: dict) -> SamplingParams:
+    """The request's sampling; what it leaves out comes from `rec`, the model's recommendation
+    (`recommended_sampling`: generation_config.json over llama.cpp's defaults), temperature
+    falling back to OpenAI's 1.0."""
+    temperature = rec.get("temperature", 1.0) if body.temperature is None else body.temperature
+    top_p = rec["top_p"] if body.top_p is None else body.top_p
     if top_p < 1e-6 or temperature < 1e-4:
         # only the top token can come out: greedy. (A tiny temperature overflows logits / T, and a
         # top_p that is 0 in float32 would make the engine's nucleus filter drop every token.)
         temperature, top_p = 0.0, 1.0
     seed = None if body.seed is None else body.seed % (1 << 62)
-    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k or 0, top_p=top_p,
-                          repetition_penalty=body.repetition_penalty, seed=seed, stop=list(body.stop or []))
+    top_k = rec["top_k"] if body.top_k is None else body.top_k
+    min_p = rec["min_p"] if body.min_p is None else body.min_p
+    repetition_penalty = rec.get("repetition_penalty", 1.0) if body.repetition_penalty is None else body.repetition_penalty
+    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repetition_penalty, seed=seed, stop=list(body.stop or []))
 
 
 def _logit_bias(body, vocab: int) -> dict[int, float] | None:
@@ -427,7 +433,7 @@ def _prepare_chat(body: ChatCompletionRequest, tokenizer, sched: Scheduler, cfg:
         ids = ids + tokenizer.encode(forced)
     max_tokens = body.max_completion_tokens or body.max_tokens
     budget = _budget(len(ids), max_tokens, sched, cfg, "messages")
-    params = _sampling(body, budget)
+    params = _sampling(body, budget, recommended_sampling(sched.model))
     if tools is not None and not body.parallel_tool_calls:
         # end the reply at the first call's closing tag: a small model would otherwise go on to
         # invent the tool's result itself (parallel_tool_calls=true lets it write several calls)
@@ -476,7 +482,7 @@ def _prepare_completion(body: CompletionRequest, tokenizer, sched: Scheduler, cf
         if not ids:
             raise APIError(400, "prompt is empty", param="prompt")
         ids_list.append(ids)
-    s2 = _system2(body, sched, reward_model, _sampling(body, 1))  # (its temperature after the greedy rule)
+    s2 = _system2(body, sched, reward_model, _sampling(body, 1, recommended_sampling(sched.model)))  # (its temperature after the greedy rule)
     n = body.n if s2 is None else s2[1]
     if len(ids_list) * n > sched.slots + sched.max_queue:
         raise APIError(400, f"{len(ids_list)} prompts x n={n} is more than this server takes at once", param="prompt")
@@ -484,7 +490,7 @@ def _prepare_completion(body: CompletionRequest, tokenizer, sched: Scheduler, cf
     for ids in ids_list:
         budget = _budget(len(ids), body.max_tokens, sched, cfg, "prompt")
         reqs.append(GenRequest(
-            prompt=ids, params=_sampling(body, budget), n=n, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
+            prompt=ids, params=_sampling(body, budget, recommended_sampling(sched.model)), n=n, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             logit_bias=_logit_bias(body, sched.vocab),
         ))

@@ -5,7 +5,7 @@ import sys
 from dataclasses import dataclass, field
 
 from lmforge.align.system2 import System2Args
-from lmforge.cli.common import ModelArgs, SamplingArgs, load_lm, runtime_summary, sampling_from
+from lmforge.cli.common import ModelArgs, SamplingArgs, load_lm, runtime_summary, sampling_from, with_model_sampling
 from lmforge.errors import LmforgeError
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /quit"
@@ -45,6 +45,7 @@ def run(cfg: Config) -> None:
     if note:
         print(note, file=sys.stderr)
     lm = load_lm(cfg)
+    params = with_model_sampling(params, cfg, lm.model)
     tools = None
     if cfg.tools:
         from lmforge.tools import get_tools

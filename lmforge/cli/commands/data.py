@@ -17,7 +17,7 @@ class PrepareConfig:
     out: str = ""
     val_fraction: float = 0.005
     seed: int = 0
-    workers: int | None = field(default=None, metadata={"help": "tokenizer processes (default: CPU count, at most 8)"})
+    workers: int | None = field(default=None, metadata={"help": "batches tokenized at once, each by the Rust tokenizer on its own threads (default: CPU count, at most 8)"})
     on_error: Literal["fail", "skip"] = field(default="fail", metadata={"help": "malformed records: stop (naming file:line) or skip and count"})
     text_field: str = "text"
     shard_tokens: int = field(default=1 << 27, metadata={"help": "tokens per shard file"})

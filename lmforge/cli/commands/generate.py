@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.align.system2 import System2Args
-from lmforge.cli.common import ModelArgs, SamplingArgs, load_lm, sampling_from
+from lmforge.cli.common import ModelArgs, SamplingArgs, load_lm, sampling_from, with_model_sampling
 from lmforge.errors import LmforgeError
 
 
@@ -59,6 +59,7 @@ def run(cfg: Config) -> None:
             raise LmforgeError(f"data file not found: {path}")
         rows = read_jsonl(path)
         lm = load_lm(cfg)
+        params = with_model_sampling(params, cfg, lm.model)
         out = open(cfg.out, "w", encoding="utf-8") if cfg.out else sys.stdout
         try:
             from tqdm import tqdm
@@ -87,6 +88,7 @@ def run(cfg: Config) -> None:
     if not prompt.strip():
         raise LmforgeError("empty prompt (pass --prompt TEXT or text on stdin)")
     lm = load_lm(cfg)
+    params = with_model_sampling(params, cfg, lm.model)
     ids, messages = _prompt(lm, prompt, None, cfg.system, cfg.raw)
     if mode is not None:  # every sample must finish before one is chosen: nothing to stream
         res = system2_reply(lm, cfg, mode, ids, messages, params)

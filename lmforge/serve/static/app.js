@@ -142,7 +142,7 @@ function loadJSON(key, fallback) {
 const state = {
   convs: loadJSON(KEYS.convs, []),
   current: localStorage.getItem(KEYS.current),
-  settings: Object.assign({ temperature: 0.7, top_p: 1, max_tokens: 512, seed: "", system: "", api_key: "", model: "" },
+  settings: Object.assign({ temperature: 0.7, top_p: "", max_tokens: 512, seed: "", system: "", api_key: "", model: "" },
                           loadJSON(KEYS.settings, {})),
   controller: null,
 };
