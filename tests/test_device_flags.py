@@ -257,3 +257,21 @@ def test_merge_and_convert_write_cpu_files_equal_to_the_cpu_run(files, tmp_path,
     merged = load_file(str(tmp_path / "a" / "merged" / "model.safetensors"))
     base = load_file(str(files / "base" / "model.safetensors"))
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_draft_auto_means_plain_graph_decoding_on_cuda(tiny_model):
+    """--draft auto drafts on a CPU (a verification pass costs about two steps there) but not on
+    CUDA, where a CUDA-graph step is far cheaper than an eager verification pass."""
+    import copy
+
+    from lmforge.engine import SamplingParams
+    from lmforge.fast.decode import fast_decoder_for
+    from lmforge.fast.speculative import NgramDrafter, resolve_draft
+
+    greedy = SamplingParams(temperature=0.0)
+    cpu = fast_decoder_for(tiny_model)
+    assert isinstance(resolve_draft("auto", greedy, cpu), NgramDrafter)
+    gpu = copy.copy(cpu)
+    gpu.device = torch.device("cuda")
+    assert resolve_draft("auto", greedy, gpu) is None
+    assert resolve_draft("ngram", greedy, gpu) == "ngram"  # asked for by name: still honoured

@@ -195,11 +195,15 @@ def resolve_draft(draft, params, target: FastDecoder | None = None):
     """What `make_drafter` should build for `draft` under `params`, or None to decode plainly.
 
     "auto": `auto_drafter()` when decoding is greedy (no proposal = a plain one-token step),
-    else None. A path loads that model as the draft (needs `target`). An `lmforge.api.LM`
+    else None; None on CUDA, where CUDA-graph steps beat verification passes. A path loads that model as the draft (needs `target`). An `lmforge.api.LM`
     stands for its model."""
     if draft is None or draft == "none":
         return None
     if draft == "auto":
+        if target is not None and target.device.type == "cuda":
+            # on a GPU a CUDA-graph step costs ~1.6 ms (benchmarks/results/decode_gpu.json), far
+            # less than an eager verification pass: plain graph decoding is the fast path there
+            return None
         return auto_drafter() if is_greedy(params) else None
     check_draft(draft, params)
     if isinstance(draft, str) and draft not in ("ngram", "self", "target") and not draft.startswith("self:"):
