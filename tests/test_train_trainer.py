@@ -175,3 +175,48 @@ def test_smoke_recipe_loss_falls_and_checkpoint_loads(prepared, tmp_path):
     ids = torch.tensor([tok.encode("The cat sees the red ball today.")])
     with torch.no_grad():
         assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
+
+
+def test_resume_skips_a_damaged_checkpoint_and_matches_the_uninterrupted_run(tmp_path, capsys):
+    """Each file of the newest checkpoint truncated in turn: resume (and `--model RUN`) fall back
+    to the intact earlier checkpoint, say which one was skipped, and the losses from there on
+    equal an uninterrupted run's."""
+    import shutil
+
+    from lmforge.loading.load import resolve_run_folder
+
+    base = tmp_path / "base"
+    _run(base, steps=10, save_every=4, keep_last=0)  # checkpoints at steps 4, 8 and 10
+    ref = _losses(base)
+    shutil.rmtree(base / "checkpoints" / "step-000010")  # as if the run had died after step 8
+    (base / "latest").write_text("checkpoints/step-000008\n")
+    newest = base / "checkpoints" / "step-000008"
+    files = sorted(p.name for p in newest.iterdir())
+    assert "manifest.json" in files and "trainer_state.pt" in files and "model.safetensors" in files
+    for name in files:
+        run = tmp_path / f"cut-{name}"
+        shutil.copytree(base, run)
+        victim = run / "checkpoints" / "step-000008" / name
+        victim.write_bytes(victim.read_bytes()[: max(1, victim.stat().st_size // 2)])
+        assert resolve_run_folder(run).name == "step-000004", name  # the loader never reads it
+        capsys.readouterr()
+        res, _ = _run(run, steps=10, save_every=4, keep_last=0)
+        assert "damaged" in capsys.readouterr().out
+        assert res["history"][0]["step"] == 5, name  # resumed after step 4
+        assert max(abs(x - y) for x, y in zip(ref, _losses(run))) < 1e-6, name
+        assert latest_checkpoint(run).name == "step-000010"
+
+
+def test_time_limit_stops_without_the_final_eval(tmp_path, capsys):
+    """A run stopped by its time limit checkpoints and ends: the final eval and sample, which
+    can take longer than the training itself, are skipped with a note."""
+    calls = []
+    model = Transformer(tiny_config()).init_weights(seed=0)
+    batches = ListBatches(_data(), 8, collate=torch.stack, seed=1)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=50, log_every=100, eval_every=0, time_limit_s=1e-6)
+    res = train(model, lm_loss, batches, cfg, tmp_path / "run", progress=False,
+                eval_fn=lambda m: calls.append("eval") or {"val_loss": 0.0}, sample_fn=lambda m: calls.append("sample"))
+    assert res["stopped"] == "time_limit" and res["step"] == 1 and calls == []
+    assert "final eval and sample are skipped" in capsys.readouterr().out
+    assert latest_checkpoint(tmp_path / "run").name == "step-000001"
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 1  # the loss is still logged

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -43,18 +44,22 @@ def adapter_folder(model) -> Path | None:
 
 def resolve_run_folder(path: Path) -> Path:
     """A run folder's newest complete checkpoint (via `latest`), else the path itself."""
+    from lmforge.train.manifest import damage, newest_intact
+
     latest = path / "latest"
     if latest.exists() or latest.is_symlink():
         target = Path(os.readlink(latest)) if latest.is_symlink() else Path(latest.read_text().strip())
         target = target if target.is_absolute() else path / target
         if not _has_model(target):
             raise LmforgeError(f"run folder {path}: 'latest' points at {target}, which is not a complete checkpoint")
-        return target
+        if damage(target) is None:
+            return target
     if (path / "checkpoints").is_dir() and not _has_model(path):
-        done = sorted(p for p in (path / "checkpoints").iterdir() if _has_model(p))
-        if not done:
-            raise LmforgeError(f"run folder {path} has no complete checkpoint")
-        return done[-1]
+        done = sorted(p for p in (path / "checkpoints").iterdir() if p.is_dir())
+        found = newest_intact(done, _has_model, warn=lambda msg: print(msg, file=sys.stderr))
+        if found is None:
+            raise LmforgeError(f"run folder {path} has no complete, intact checkpoint")
+        return found
     return path
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.train.manifest import damage, newest_intact, write_manifest
 
 
 def rng_state() -> dict:
@@ -65,7 +66,9 @@ def step_dir_name(step: int) -> str:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint `latest` points at, if it is complete; else None. Never a `.tmp` folder."""
+    """The checkpoint to resume from: the one `latest` points at when it is complete and matches
+    its manifest, else (with a warning naming the damaged one) the newest intact one; None when
+    the run has no `latest`. Never a `.tmp` folder."""
     run_dir = Path(run_dir)
     latest = run_dir / "latest"
     if not latest.exists():
@@ -74,7 +77,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     target = target if target.is_absolute() else run_dir / target
     if target.name.endswith(".tmp") or not (target / "trainer_state.pt").exists():
         raise LmforgeError(f"{latest} points at {target}, which is not a complete checkpoint")
-    return target
+    why = damage(target)
+    if why is None:
+        return target
+    print(f"warning: checkpoint {target.name} is damaged ({why}); looking for an earlier one", flush=True)
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir() and p != target)
+    found = newest_intact(done, lambda p: (p / "trainer_state.pt").exists())
+    if found is None:
+        raise LmforgeError(f"{run_dir}: checkpoint {target.name} is damaged ({why}) and no intact earlier one is left")
+    print(f"warning: resuming from {found.name} instead", flush=True)
+    return found
 
 
 def write_latest(run_dir: Path, target: Path) -> None:
@@ -113,6 +125,7 @@ def commit_checkpoint(run_dir: Path, at_step: int, write_model, trainer_state: d
     if mid_save is not None:
         mid_save(at_step, tmp)
     torch.save(trainer_state, tmp / "trainer_state.pt")
+    write_manifest(tmp)  # last: a checkpoint without it complete is one that never finished
     fsync_tree(tmp)
     if final.exists():  # the same step written before a crash left `latest` behind it
         shutil.rmtree(final)

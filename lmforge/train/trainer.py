@@ -102,7 +102,7 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept; 0 = all
     seed: int = 0
-    time_limit_s: float = 0  # stop cleanly (and checkpoint) after this many seconds of training, counted across resumes; 0 = none
+    time_limit_s: float = 0  # stop cleanly (and checkpoint, skipping the final eval) after this many seconds, counted across resumes; 0 = none
 
 
 @dataclass
@@ -588,7 +588,7 @@ def train(
         raise LmforgeError("train.grad_accum must be >= 1 and train.max_steps >= 0")
     run_dir = Path(run_dir)
     latest = _resume_point(run_dir, resume)
-    state = torch.load(latest / "trainer_state.pt", map_location="cpu", weights_only=True) if latest else None
+    state = _read_state(latest) if latest else None
     run = _setup(model, loss_fn, batches, cfg, run_dir, params, hooks or TrainHooks())
     run.flops_per_token = flops_per_token
     if state is not None:
@@ -605,6 +605,14 @@ def train(
     if result["checkpoint"] is None and latest is not None:
         result["checkpoint"] = latest
     return result
+
+
+def _read_state(ckpt: Path) -> dict:
+    path = ckpt / "trainer_state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a checkpoint from before manifests can still be damaged
+        raise LmforgeError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def _resume_point(run_dir: Path, resume: bool | None) -> Path | None:
@@ -640,11 +648,14 @@ def _loop(run: _Run, resumed: bool, eval_fn, sample_fn, save_fn, extra_state, pr
         record = _log_record(run, sums, grad_norm) if (do_log or over_time) else None
         if record is not None:
             last_loss = record["loss"]
-        if do_eval or over_time:
+        if do_eval and not over_time:
             ev = _run_evals(run, eval_fn, sample_fn)
             if ev:
                 record = {**(record or {"step": run.step}), **ev}
             run.window_t0 = time.time()  # tokens/s measures training, not evaluation
+        elif over_time and (eval_fn is not None or sample_fn is not None):
+            # the limit is the whole run's: an eval now could take longer than the training did
+            run.say("time limit reached: the final eval and sample are skipped (`lmforge eval` the checkpoint)")
         if record is not None and run.main:
             _write_record(run, record, do_eval or over_time)
             last_record = record
