@@ -56,8 +56,10 @@ def lmforge_model(s: dict, seq_len: int) -> Transformer:
     return Transformer(Config(**s, max_seq_len=seq_len, tie_embeddings=True)).init_weights(seed=0)
 
 
-def run_lmforge(s, rows, batch, steps, device, dtype, compile_, log_every, whole=False) -> dict:
+def run_lmforge(s, rows, batch, steps, device, dtype, compile_, log_every, whole=False, hooks=None) -> dict:
     """Train with lmforge's trainer; returns its metrics records and the wall time."""
+    from lmforge.train import TrainHooks
+
     model = lmforge_model(s, rows[0].numel() - 1)
     if whole:  # the one-graph variant: compile the model ourselves, the trainer then skips it
         model.compile()
@@ -67,7 +69,7 @@ def run_lmforge(s, rows, batch, steps, device, dtype, compile_, log_every, whole
     with tempfile.TemporaryDirectory() as d:
         t0 = time.time()
         train(model, lm_loss, ListBatches(rows, batch, collate=torch.stack, shuffle=False), cfg, d,
-              progress=False, save_fn=lambda m, p: None, flops_per_token=fpt)
+              progress=False, save_fn=lambda m, p: None, flops_per_token=fpt, hooks=hooks or TrainHooks())
         wall = time.time() - t0
         recs = [r for r in read_metrics(Path(d) / "metrics.jsonl") if "loss" in r]
     return {"records": recs, "wall_s": wall, "params": model.num_parameters(), "flops_per_token": fpt}
@@ -123,6 +125,24 @@ def run_transformers(s, rows, batch, steps, device, compile_) -> dict:
     return {"tokens_per_s": tps, "warmup_s": warm, "params": params, "peak_mem_gb": peak}
 
 
+def profile(s, rows, batch, device) -> list[dict]:
+    """The CUDA kernels that take the time in lmforge's training step (3 profiled steps)."""
+    from torch.profiler import ProfilerActivity, schedule
+    from torch.profiler import profile as torch_profile
+
+    from lmforge.train import TrainHooks
+
+    cuda = device.startswith("cuda")
+    with torch_profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU],
+                       schedule=schedule(wait=2, warmup=1, active=3)) as prof:
+        run_lmforge(s, rows, batch, 6, device, "bf16", cuda, 100, hooks=TrainHooks(after_step=lambda step: prof.step()))
+    rows_out = []
+    total = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    for e in sorted(prof.key_averages(), key=lambda e: -total(e))[:20]:
+        rows_out.append({"kernel": e.key[:90], "ms_per_step": total(e) / 3 / 1000, "calls_per_step": e.count / 3})
+    return rows_out
+
+
 def loss_parity(s, device, small) -> dict:
     """Per-step losses of the same weights and data: CPU fp32 vs GPU bf16 (eager, small batch),
     and GPU compiled vs GPU eager at the benchmark's batch."""
@@ -143,6 +163,9 @@ def main() -> int:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--whole-model", action="store_true", help="also time lmforge with one whole-model graph")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--separate-projections", action="store_true",
+                    help="also time lmforge with q/k/v and gate/up as separate matmuls (lmforge.model.FUSE_PROJECTIONS off)")
+    ap.add_argument("--profile", action="store_true", help="print the CUDA kernels that take the time in a step")
     ap.add_argument("--out", default=str(RESULT))
     a = ap.parse_args()
     if a.small:
@@ -163,10 +186,15 @@ def main() -> int:
         table.append(("transformers LlamaForCausalLM" + (" compiled" if compile_ else ""), ref["tokens_per_s"], ref["mfu"], ref["peak_mem_gb"]))
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    variants = [("lmforge (trainer, regional compile)" if compile_ else "lmforge (trainer, eager)", False)]
+    import lmforge.model as lm_model
+
+    variants = [("lmforge (trainer, regional compile)" if compile_ else "lmforge (trainer, eager)", False, True)]
+    if a.separate_projections:
+        variants.append(("lmforge, separate q/k/v and gate/up matmuls", False, False))
     if a.whole_model and compile_:
-        variants.append(("lmforge (trainer, whole-model compile)", True))
-    for name, whole in variants:
+        variants.append(("lmforge (trainer, whole-model compile)", True, True))
+    for name, whole, fuse in variants:
+        lm_model.FUSE_PROJECTIONS = fuse
         if a.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         res = run_lmforge(s, rows, a.batch, a.steps + 4, a.device, "bf16", compile_, 4, whole=whole)
@@ -178,7 +206,13 @@ def main() -> int:
         table.append((name, tps, row["mfu"], row["peak_mem_gb"]))
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
+    lm_model.FUSE_PROJECTIONS = True
     out["parity"] = loss_parity(s, a.device, a.small)
+    if a.profile:
+        try:
+            out["profile"] = profile(s, rows, a.batch, a.device)
+        except Exception as e:  # a profiler problem must not lose the measurements above
+            print(f"profile failed: {type(e).__name__}: {e}")
     out["loadavg_after"] = os.getloadavg()
     ref_tps = table[0][1] if not a.no_reference else None
     print(f"\npretraining, {s['n_layers']} layers x {s['d_model']}, vocab {s['vocab_size']}, {a.batch} x {a.seq_len} tokens, "
@@ -192,6 +226,8 @@ def main() -> int:
     p = out["parity"]
     print(f"loss parity (first {len(p['cpu_fp32'])} steps, batch {p['batch']}): cpu fp32 {['%.4f' % x for x in p['cpu_fp32']]} "
           f"vs {a.device} bf16 {['%.4f' % x for x in p[f'{a.device}_bf16']]}: max |diff| {p['max_abs_diff']:.4f}")
+    for r in out.get("profile", []):
+        print(f"  {r['ms_per_step']:8.2f} ms/step {r['calls_per_step']:6.0f}x  {r['kernel']}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {a.out}")
