@@ -163,8 +163,6 @@ def main() -> int:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--whole-model", action="store_true", help="also time lmforge with one whole-model graph")
     ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--separate-projections", action="store_true",
-                    help="also time lmforge with q/k/v and gate/up as separate matmuls (lmforge.model.FUSE_PROJECTIONS off)")
     ap.add_argument("--profile", action="store_true", help="print the CUDA kernels that take the time in a step")
     ap.add_argument("--out", default=str(RESULT))
     a = ap.parse_args()
@@ -186,15 +184,10 @@ def main() -> int:
         table.append(("transformers LlamaForCausalLM" + (" compiled" if compile_ else ""), ref["tokens_per_s"], ref["mfu"], ref["peak_mem_gb"]))
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    import lmforge.model as lm_model
-
-    variants = [("lmforge (trainer, regional compile)" if compile_ else "lmforge (trainer, eager)", False, True)]
-    if a.separate_projections:
-        variants.append(("lmforge, separate q/k/v and gate/up matmuls", False, False))
+    variants = [("lmforge (trainer, regional compile)" if compile_ else "lmforge (trainer, eager)", False)]
     if a.whole_model and compile_:
-        variants.append(("lmforge (trainer, whole-model compile)", True, True))
-    for name, whole, fuse in variants:
-        lm_model.FUSE_PROJECTIONS = fuse
+        variants.append(("lmforge (trainer, whole-model compile)", True))
+    for name, whole in variants:
         if a.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         res = run_lmforge(s, rows, a.batch, a.steps + 4, a.device, "bf16", compile_, 4, whole=whole)
@@ -206,7 +199,6 @@ def main() -> int:
         table.append((name, tps, row["mfu"], row["peak_mem_gb"]))
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    lm_model.FUSE_PROJECTIONS = True
     out["parity"] = loss_parity(s, a.device, a.small)
     if a.profile:
         try:

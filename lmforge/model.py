@@ -121,23 +121,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
-# In training, linear maps of the same input (q|k|v, gate|up) run as one larger matmul: fewer,
-# better-shaped GEMMs. The weights are concatenated on the fly (a few MB a layer, nothing next to
-# a training batch's activations); inference keeps the plain modules, where that copy per token
-# would cost more than it saves. A switch so benchmarks/pretrain_gpu.py can measure both.
-FUSE_PROJECTIONS = True
-
-
-def project(x: torch.Tensor, mods: list) -> list[torch.Tensor]:
-    """`[m(x) for m in mods]`, as one matmul when training and every map is a plain nn.Linear
-    (adapters and quantized layers run on their own)."""
-    if FUSE_PROJECTIONS and torch.is_grad_enabled() and all(type(m) is nn.Linear for m in mods):
-        w = torch.cat([m.weight for m in mods])
-        b = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
-        return list(F.linear(x, w, b).split([m.out_features for m in mods], dim=-1))
-    return [m(x) for m in mods]
-
-
 class KVCache:
     """Preallocated keys/values for every layer, one fill length per row.
 
@@ -175,10 +158,9 @@ class Attention(nn.Module):
         """x [B, T, C]; mask: bool [B, 1, T, S] (True = may attend) or None for plain causal."""
         B, T, _ = x.shape
         cfg = self.cfg
-        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj])
-        q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is not None:
             k, v = layer_cache(k, v)
@@ -200,8 +182,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x):
-        gate, up = project(x, [self.gate_proj, self.up_proj])
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def make_mlp(cfg: Config) -> nn.Module:
