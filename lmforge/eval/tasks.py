@@ -6,7 +6,8 @@ A `Task` is a list of `Item`s plus how to turn them into model requests. Four ki
   choice is scored by the log-likelihood of its text after the item's prompt.
 - `generate`: greedy generation up to a stop sequence, answer extracted with a regex, exact
   match against any of `targets`.
-- `perplexity`: text documents; loss, perplexity and bits-per-byte (sliding window).
+- `perplexity`: text documents; loss, perplexity and bits-per-byte (a sliding window: by default
+  the model's context, moving by half of it; lmforge.eval.perplexity).
 - `code`: HumanEval-style problems run in the tools sandbox (pass@k).
 
 Prompts follow BIG-bench's own JSON-task formatting (bigbench/api/json_task.py) so scores are

@@ -52,8 +52,16 @@ class _Cursor:
         self.pos += struct.calcsize(fmt)
         return v
 
-    def string(self) -> str:
+    def count(self, what: str, min_bytes: int) -> int:
+        """A u64 count of items of at least `min_bytes` each, checked against the bytes left, so a
+        corrupt header is an error before anything is allocated for it."""
         n = self.take("<Q")
+        if n * min_bytes > len(self.buf) - self.pos:
+            raise ValueError(f"{what} count {n} does not fit in the {len(self.buf) - self.pos} bytes left")
+        return n
+
+    def string(self) -> str:
+        n = self.count("string byte", 1)
         s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return s
@@ -64,7 +72,8 @@ class _Cursor:
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            etype, n = self.take("<I"), self.take("<Q")
+            etype = self.take("<I")
+            n = self.count("array element", struct.calcsize(_SCALARS[etype]) if etype in _SCALARS else 1)
             if etype in _SCALARS and etype != 7:
                 fmt = _SCALARS[etype]
                 arr = np.frombuffer(self.buf, dtype=np.dtype(fmt), count=n, offset=self.pos)
@@ -92,7 +101,8 @@ def read_gguf_file(path: Path) -> tuple[dict, list[GGUFTensor]]:
         version = c.take("<I")
         if version not in (2, 3):
             raise LmforgeError(f"{path}: unsupported GGUF version {version}")
-        n_tensors, n_kv = c.take("<Q"), c.take("<Q")
+        # smallest entries: a tensor is a name length, a dim count, one dim, a type and an offset
+        n_tensors, n_kv = c.count("tensor", 32), c.count("metadata key", 12)
         meta = {}
         for _ in range(n_kv):
             key = c.string()
@@ -100,7 +110,10 @@ def read_gguf_file(path: Path) -> tuple[dict, list[GGUFTensor]]:
         infos = []
         for _ in range(n_tensors):
             name = c.string()
-            dims = tuple(c.take("<Q") for _ in range(c.take("<I")))
+            n_dims = c.take("<I")
+            if not 1 <= n_dims <= 4:
+                raise ValueError(f"tensor '{name}' has {n_dims} dimensions (GGUF allows 1 to 4)")
+            dims = tuple(c.take("<Q") for _ in range(n_dims))
             infos.append((name, dims, c.take("<I"), c.take("<Q")))
         align = int(meta.get("general.alignment", 32))
         start = (c.pos + align - 1) // align * align
@@ -123,7 +136,7 @@ def read_gguf_file(path: Path) -> tuple[dict, list[GGUFTensor]]:
             tensors.append(GGUFTensor(name, dims, ttype, raw))
     except LmforgeError:
         raise
-    except (struct.error, ValueError, UnicodeDecodeError, IndexError, KeyError) as e:
+    except (struct.error, ValueError, UnicodeDecodeError, IndexError, KeyError, OverflowError, MemoryError) as e:
         raise LmforgeError(f"cannot read GGUF file {path}: truncated or corrupt ({type(e).__name__}: {e})") from None
     return meta, tensors
 

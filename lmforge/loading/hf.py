@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -14,6 +15,31 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
 # lmforge-only MoE settings kept in config.json["lmforge"]; n_shared_experts is not: the HF config says it
 MOE_FIELDS = ("n_experts", "n_experts_per_token", "moe_d_ff", "moe_capacity_factor",
               "moe_aux_loss_coef", "moe_norm_topk_prob")
+
+
+_REQUIRED = object()
+
+
+def _int(hf: dict, key: str, where: str, default=_REQUIRED, low: int = 1, high: int = 1 << 31) -> int:
+    """hf[key] as an int, or a one-line error naming the file and the key (a string, a float with
+    a fraction, a bool or an absurd size would otherwise fail deep inside torch)."""
+    v = hf.get(key, default)
+    if v is _REQUIRED:
+        raise LmforgeError(f"{where}: '{key}' is missing")
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise LmforgeError(f"{where}: '{key}' must be an integer, got {v!r}")
+    if not low <= v <= high:
+        raise LmforgeError(f"{where}: '{key}' is {v}, outside {low}..{high}")
+    return v
+
+
+def _float(hf: dict, key: str, where: str, default: float) -> float:
+    v = hf.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise LmforgeError(f"{where}: '{key}' must be a finite number, got {v!r}")
+    return float(v)
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> Config:
@@ -35,21 +61,21 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
             raise LmforgeError(f"unsupported rope scaling '{kind}' in {where} (supported: linear, llama3)")
         scaling = None if kind == "default" else dict(scaling)
     sliding = hf.get("sliding_window") if hf.get("use_sliding_window", mtype == "mistral") else None
-    max_pos = int(hf.get("max_position_embeddings", 2048))
-    if sliding and int(sliding) < max_pos:
+    max_pos = _int(hf, "max_position_embeddings", where, 2048)
+    if sliding and _int(hf, "sliding_window", where) < max_pos:
         # attention beyond the window would differ; cap the context so results stay exact
         max_pos = int(sliding)
-    n_heads = int(hf["num_attention_heads"])
-    d_model = int(hf["hidden_size"])
+    n_heads = _int(hf, "num_attention_heads", where, high=1 << 16)
+    d_model = _int(hf, "hidden_size", where, high=1 << 20)
     moe = {}
     if mtype == "mixtral":
-        moe = dict(n_experts=int(hf["num_local_experts"]), n_experts_per_token=int(hf.get("num_experts_per_tok", 2)),
-                   moe_d_ff=int(hf["intermediate_size"]))
+        moe = dict(n_experts=_int(hf, "num_local_experts", where, high=1 << 16), n_experts_per_token=_int(hf, "num_experts_per_tok", where, 2),
+                   moe_d_ff=_int(hf, "intermediate_size", where, high=1 << 22))
     elif mtype == "qwen2_moe":
         if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step", 1)) != 1:
             raise LmforgeError(f"unsupported in {where}: dense layers among MoE layers (mlp_only_layers / decoder_sparse_step)")
-        moe = dict(n_experts=int(hf["num_experts"]), n_experts_per_token=int(hf.get("num_experts_per_tok", 2)),
-                   moe_d_ff=int(hf["moe_intermediate_size"]),
+        moe = dict(n_experts=_int(hf, "num_experts", where, high=1 << 16), n_experts_per_token=_int(hf, "num_experts_per_tok", where, 2),
+                   moe_d_ff=_int(hf, "moe_intermediate_size", where, high=1 << 22),
                    n_shared_experts=1 if hf.get("shared_expert_intermediate_size") else 0,
                    moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
         if hf.get("shared_expert_intermediate_size"):  # the shared expert's width is d_ff * n_shared_experts
@@ -59,15 +85,15 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         if k in lm_extra:
             moe[k] = lm_extra[k]
     return Config(
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=_int(hf, "vocab_size", where, high=1 << 24),
         d_model=d_model,
-        n_layers=int(hf["num_hidden_layers"]),
+        n_layers=_int(hf, "num_hidden_layers", where, high=1 << 12),
         n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        head_dim=int(hf.get("head_dim") or d_model // n_heads),
-        d_ff=int(hf.get("intermediate_size", hf.get("shared_expert_intermediate_size", 4 * d_model))),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta),
+        n_kv_heads=_int(hf, "num_key_value_heads", where, n_heads, high=n_heads) if hf.get("num_key_value_heads") is not None else n_heads,
+        head_dim=_int(hf, "head_dim", where, high=1 << 14) if hf.get("head_dim") is not None else d_model // n_heads,
+        d_ff=_int(hf, "intermediate_size", where, hf.get("shared_expert_intermediate_size", 4 * d_model), high=1 << 22),
+        norm_eps=_float(hf, "rms_norm_eps", where, 1e-6),
+        rope_theta=_float({"rope_theta": theta}, "rope_theta", where, 10000.0),
         rope_scaling=scaling,
         max_seq_len=max_pos,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -135,6 +161,8 @@ def read_hf_config(folder: Path) -> Config:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise LmforgeError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise LmforgeError(f"{path}: expected a JSON object, got {type(hf).__name__}")
     cfg = config_from_hf(hf, str(path))
     sampling = read_generation_config(folder)
     if sampling:

@@ -39,8 +39,8 @@ class Config:
     pass_k: list[int] = field(default_factory=lambda: [1], metadata={"help": "code tasks: k values of pass@k"})
     temperature: float = field(default=0.8, metadata={"help": "code tasks with --samples > 1"})
     timeout_s: float = 10.0
-    ppl_window: int = 1024
-    ppl_stride: int | None = None
+    ppl_window: int | None = None  # perplexity window in tokens (default: the model's context)
+    ppl_stride: int | None = None  # perplexity stride (default: half the window)
     bigbench: str | None = field(default=None, metadata={"help": "bigbench sdist tarball or benchmark_tasks folder"})
     humaneval: str | None = None
     remote_model: str | None = field(default=None, metadata={"help": "model name on the server (default: its first)"})

@@ -1,7 +1,12 @@
-"""Fetch public corpora, evaluation sets and tokenizer files (shared/DATA.md) into the cache.
+"""Fetch public corpora, evaluation sets and tokenizer files (docs/DATA.md) into the cache.
+
+    lmforge fetch --list                    what is where, and what each source needs
+    lmforge fetch --sources english         a group (english, russian, eval, tokenizers) or names
+    lmforge fetch                           everything
 
 Idempotent: a source whose files match its `.done` checksums is left alone. Sources that need
-Debian's apt are skipped elsewhere, with a message. `--list` shows what is where.
+Debian's apt are skipped elsewhere, with a message. docs/DATA.md describes every source: its
+package, what is read from it, and the folders it fills.
 """
 from __future__ import annotations
 
@@ -33,7 +38,9 @@ def run(cfg: Config) -> int:
     failed = [n for n, s in status.items() if s.startswith("failed")]
     skipped = [n for n, s in status.items() if s.startswith("skipped")]
     print(f"data in {F.data_root(cfg.home)}: {sum(s in ('done', 'up to date') for s in status.values())} ready, "
-          f"{len(skipped)} skipped, {len(failed)} failed")
+          f"{len(skipped)} skipped, {len(failed)} failed"
+          + (" (docs/DATA.md: what each source needs)" if skipped or failed else ""))
     if failed:
-        raise LmforgeError(f"could not fetch: {', '.join(failed)} (see messages above)")
+        raise LmforgeError(f"could not fetch: {', '.join(failed)} "
+                           "(see messages above; docs/DATA.md lists each source's packages)")
     return 0
