@@ -314,6 +314,8 @@ def prepare(
         raise LmforgeError(f"no documents found in {', '.join(map(str, data if isinstance(data, (list, tuple)) else [data]))}")
     if stats.errors:
         log(f"skipped {stats.errors} malformed record(s); first: {stats.messages[0]}")
+    if stats.empty:
+        log(f"skipped {stats.empty} empty or whitespace-only record(s); first: {stats.empty_where[0]}")
     if val_fraction > 0 and results["val"]["docs"] == 0:
         log(f"warning: no document fell in the val split ({results['train']['docs']} documents, val_fraction {val_fraction})")
 
@@ -339,6 +341,7 @@ def prepare(
         "errors": stats.errors,
         "error_messages": stats.messages,
         "heldout_skipped": stats.heldout_skipped,
+        "empty_skipped": stats.empty,
         "seconds": round(time.time() - t0, 2),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))

@@ -48,6 +48,13 @@ class ReadStats:
     messages: list[str] = field(default_factory=list)  # the first few error messages
     heldout_skipped: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
+    empty: int = 0  # records with no text but whitespace: skipped, counted, reported
+    empty_where: list[str] = field(default_factory=list)  # the first few of them
+
+    def skip_empty(self, where: str) -> None:
+        self.empty += 1
+        if len(self.empty_where) < 20:
+            self.empty_where.append(where)
 
     def error(self, msg: str, on_error: str) -> None:
         if on_error == "fail":
@@ -141,6 +148,8 @@ def _read_text(path: Path, prefix: str, stats: ReadStats, on_error: str) -> Iter
         text = text[1:]
     if text.strip():
         yield Document(prefix, text)
+    else:
+        stats.skip_empty(str(path))
 
 
 def _read_jsonl(path: Path, prefix: str, stats: ReadStats, on_error: str, text_field: str) -> Iterator[Document]:
@@ -162,6 +171,8 @@ def _read_jsonl(path: Path, prefix: str, stats: ReadStats, on_error: str, text_f
                 continue
             if text.strip():
                 yield Document(f"{prefix}:{lineno}", text)
+            else:
+                stats.skip_empty(f"{path}:{lineno}")
 
 
 def _read_parquet(path: Path, prefix: str, stats: ReadStats, on_error: str, text_field: str) -> Iterator[Document]:
@@ -186,6 +197,8 @@ def _read_parquet(path: Path, prefix: str, stats: ReadStats, on_error: str, text
                 continue
             if text.strip():
                 yield Document(f"{prefix}:{row}", text)
+            else:
+                stats.skip_empty(f"{path}:row {row}")
     stats.bytes_read += path.stat().st_size
 
 
@@ -215,6 +228,8 @@ def _read_hf(kind: str, spec, prefix: str, stats: ReadStats, on_error: str, text
                 continue
             if text.strip():
                 yield Document(f"{prefix}:{row}", text)
+            else:
+                stats.skip_empty(f"{spec}:row {row}")
 
 
 def iter_documents(
