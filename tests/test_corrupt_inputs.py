@@ -76,3 +76,28 @@ def test_empty_records_are_counted_and_reported(tmp_path):
     assert res.manifest["empty_skipped"] == 2
     assert res.manifest["train"]["docs"] == 2
     assert any("skipped 2 empty or whitespace-only record(s); first: " + f"{src}:2" in s for s in said)
+
+
+def test_gguf_with_garbage_tensor_data_names_the_tensor(tmp_path):
+    """Random bytes over a tensor's data: a one-line error naming it, at load, not a numpy warning
+    and a failure minutes later."""
+    import numpy as np
+
+    from lmforge.loading.gguf_file import read_gguf, read_gguf_file
+
+    src = tmp_path / "m.gguf"
+    from lmforge.export.gguf import write_gguf
+    from lmforge.loading import load_model
+
+    model, tok = load_model(str(tiny_lm_dir(tmp_path / "hf")))
+    write_gguf(model, tok, src, gguf_type="f16")
+    _, tensors = read_gguf_file(src)
+    victim = next(t for t in tensors if t.name.endswith("attn_q.weight"))
+    raw = bytearray(src.read_bytes())
+    start = raw.find(victim.data.tobytes()[:64])
+    raw[start:start + 64] = np.full(32, np.float16(np.inf)).tobytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(LmforgeError, match=rf"tensor '{victim.name}' holds non-finite values") as e:
+        read_gguf(bad)
+    assert str(bad) in str(e.value)

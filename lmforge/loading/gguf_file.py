@@ -213,7 +213,10 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
             if t.name.startswith("rope_freqs"):
                 continue
             raise LmforgeError(f"unexpected tensor '{t.name}' in {path}")
-        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
+        with np.errstate(all="ignore"):  # garbage blocks overflow; the check below names the tensor
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
+        if not np.isfinite(w).all():
+            raise LmforgeError(f"{path}: tensor '{t.name}' holds non-finite values (corrupt data?)")
         if permute and ".q_proj." in name:
             w = unpermute_qk(w, cfg.n_heads)
         elif permute and ".k_proj." in name:
