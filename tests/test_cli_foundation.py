@@ -117,3 +117,20 @@ def test_bad_inputs_give_one_line_errors(tmp_path, default_model_path, capsys):
 
 def test_errors_from_a_real_process_are_one_line(tmp_path):
     _one_line_error(lmforge("info", "--model", str(tmp_path / "missing.gguf")), "not found")
+
+
+def test_loading_shows_a_progress_line_on_a_terminal(tmp_path, capsys, monkeypatch):
+    """A person at a terminal sees what is loading and when it is ready; a script reading stderr
+    sees nothing but errors."""
+    import sys
+
+    from _align_tiny import tiny_lm_dir
+
+    d = tiny_lm_dir(tmp_path / "m")
+    args = ("generate", "--model", str(d), "--raw", "--prompt", "Hi", "--max-new-tokens", "2", "--quant", "none")
+    quiet = lmforge_inproc(capsys, *args)
+    assert quiet.returncode == 0 and "loading" not in quiet.stderr
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    loud = lmforge_inproc(capsys, *args)
+    assert loud.returncode == 0
+    assert f"loading {d} ... ready in" in loud.stderr and "unquantized weights" in loud.stderr

@@ -61,9 +61,28 @@ def load_lm(args):
 
     from lmforge.api import load
 
+    import sys
+    import time
+
+    from lmforge.loading.resolve import resolve_model_path
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load(args.model, dtype=args.dtype, device=args.device, quant=args.quant)
+    # a person waits here (seconds for a GGUF, longer with int8): say what is happening; a script
+    # reading stderr (not a terminal) keeps getting nothing but errors, one line each
+    say = sys.stderr.isatty()
+    t0 = time.time()
+    if say:
+        print(f"loading {resolve_model_path(args.model)} ...", end="", file=sys.stderr, flush=True)
+    try:
+        lm = load(args.model, dtype=args.dtype, device=args.device, quant=args.quant)
+    except BaseException:
+        if say:
+            print(file=sys.stderr)
+        raise
+    if say:
+        print(f" ready in {time.time() - t0:.1f} s ({runtime_summary(lm, args)})", file=sys.stderr, flush=True)
+    return lm
 
 
 def runtime_summary(lm, args=None) -> str:
