@@ -98,6 +98,27 @@ def _check_prompts(model, prompts: list[list[int]], max_new_tokens: int) -> int:
     return min(longest + max_new_tokens, ctx)
 
 
+def _prefill(model, cache, prompts: list[list[int]], device) -> torch.Tensor:
+    """fp32 logits [B, V] at every prompt's last position, the prompts written into `cache`.
+    Identical prompts (a GRPO group, System 2's N samples) are prefilled once and their cache
+    rows copied."""
+    first: dict[tuple, int] = {}
+    lead = [first.setdefault(tuple(p), b) for b, p in enumerate(prompts)]
+    uniq = sorted(set(lead))
+    T = max(len(prompts[b]) for b in uniq)  # from the host's own lists: no wait for the device
+    idx = torch.zeros(len(uniq), T, dtype=torch.long, device=device)
+    for j, b in enumerate(uniq):
+        idx[j, : len(prompts[b])] = torch.tensor(prompts[b], device=device)
+    lens = torch.tensor([len(prompts[b]) for b in uniq], device=device)
+    logits = model(idx, cache=cache, rows=torch.tensor(uniq, device=device), n_new=lens)
+    last = logits[torch.arange(len(uniq), device=device), lens - 1].float()
+    copies = [b for b, a in enumerate(lead) if a != b]
+    if copies:
+        cache.copy_rows([lead[b] for b in copies], copies)
+    at = {b: j for j, b in enumerate(uniq)}
+    return last[torch.tensor([at[a] for a in lead], device=device)]
+
+
 @torch.inference_mode()
 def generate_tokens(
     model,
@@ -123,19 +144,13 @@ def generate_tokens(
     if params.seed is not None:
         gen = torch.Generator(device=device).manual_seed(params.seed)
     cache = model.new_cache(B, capacity)
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    T = max(len(p) for p in prompts)  # from the host's own list: no wait for the device
-    idx = torch.zeros(B, T, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        idx[b, : len(p)] = torch.tensor(p, device=device)
     vocab = model.cfg.vocab_size
     seen = None
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
         for b, p in enumerate(prompts):
             seen[b, torch.tensor(p, device=device)] = True
-    logits = model(idx, cache=cache, n_new=lens)
-    last = logits[torch.arange(B, device=device), lens - 1].float()
+    last = _prefill(model, cache, prompts, device)
     active = list(range(B))
     produced = [[] for _ in range(B)]
     for _ in range(params.max_new_tokens):

@@ -136,6 +136,15 @@ class KVCache:
         self.max_len = max_len
         self.batch_size = batch_size
 
+    def copy_rows(self, src: list[int], dst: list[int]) -> None:
+        """Row dst[i] becomes a copy of row src[i] (a shared prompt prefilled once)."""
+        s = torch.as_tensor(src, device=self.lengths.device)
+        d = torch.as_tensor(dst, device=self.lengths.device)
+        for k, v in zip(self.k, self.v):
+            k[d] = k[s]
+            v[d] = v[s]
+        self.lengths[d] = self.lengths[s]
+
     def reset(self, rows=None) -> None:
         """Forget the contents of some rows (all by default); the buffers stay allocated."""
         if rows is None:

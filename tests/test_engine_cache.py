@@ -96,3 +96,25 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny_model):
 
     with pytest.raises(LmforgeError, match="longer than the model's context of 128"):
         list(generate_tokens(tiny_model, [[1] * 200], SamplingParams(max_new_tokens=2)))
+
+
+def test_identical_prompts_are_prefilled_once(tiny_model, monkeypatch):
+    """A GRPO group or System 2's N samples repeat one prompt: it goes through the model once and
+    the copies decode from its cache rows, with the tokens each row would get on its own."""
+    p, q = [5, 6, 7, 8, 9], [11, 12, 13]
+    prefill_rows = []
+    real = type(tiny_model).forward
+
+    def spy(self, idx, *a, **kw):
+        if idx.shape[1] > 1:
+            prefill_rows.append(idx.shape[0])
+        return real(self, idx, *a, **kw)
+
+    monkeypatch.setattr(type(tiny_model), "forward", spy)
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    out = _collect(tiny_model, [p, q, p, p, q], greedy)
+    assert prefill_rows == [2]  # two distinct prompts, one prefill row each
+    assert out[0] == out[2] == out[3] == generate_naive(tiny_model, p, greedy)
+    assert out[1] == out[4] == generate_naive(tiny_model, q, greedy)
+    sampled = _collect(tiny_model, [p] * 4, SamplingParams(max_new_tokens=6, temperature=1.0, seed=3))
+    assert len({tuple(x) for x in sampled}) > 1  # the copies sample on their own
