@@ -9,6 +9,7 @@ import torch
 from lmforge.chat import render_prompt
 from lmforge.engine import SamplingParams, generate_text, stream_text
 from lmforge.errors import LmforgeError
+from lmforge.tokenizer import unicode_problem
 
 
 def sampling_params(model=None, **kw) -> SamplingParams:
@@ -23,6 +24,11 @@ def sampling_params(model=None, **kw) -> SamplingParams:
     if bad:
         raise LmforgeError(f"unknown generation option '{bad[0]}' (known: {', '.join(sorted(known))})")
     p = SamplingParams(**kw)
+    for s in [p.stop] if isinstance(p.stop, str) else p.stop or []:
+        # stop strings are matched against the text, never encoded: the tokenizer's check misses them
+        problem = unicode_problem(s) if isinstance(s, str) else None
+        if problem is not None:
+            raise LmforgeError(f"stop string {s!r} is not valid Unicode: {problem}")
     if model is not None:
         p = with_recommended(p, model, set(kw))
     check_draft(p.draft, p)

@@ -49,6 +49,26 @@ def byte_level_pre_tokenizer(pre: str | None):
     )
 
 
+def unicode_problem(text: str) -> str | None:
+    """What makes `text` not valid Unicode (a lone surrogate, U+D800..U+DFFF: JSON's "\\ud800",
+    or undecodable bytes in argv kept by Python as U+DC80..U+DCFF), or None when it is valid.
+    The description holds no character of `text` that cannot be printed or sent as UTF-8."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"lone surrogate U+{ord(text[e.start]):04X} at character {e.start}"
+    return None
+
+
+def check_unicode(text) -> None:
+    """LmforgeError('text is not valid Unicode: ...') when `text` is a str holding a lone surrogate."""
+    problem = unicode_problem(text) if isinstance(text, str) else None
+    if problem is not None:
+        raise LmforgeError(f"text is not valid Unicode: {problem}") from None
+
+
 @dataclass
 class Tokenizer:
     backend: HFTokenizer
@@ -92,18 +112,36 @@ class Tokenizer:
         return {i for i in ids if i is not None}
 
     # -- text -----------------------------------------------------------------------------
+    # The backend refuses text with a lone surrogate with a bare TypeError ("TextInputSequence must
+    # be str"); every encode turns that into a one-line LmforgeError saying what and where. The
+    # check runs only when the backend refuses, so valid text costs nothing extra.
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            check_unicode(text)
+            raise
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self.backend.encode(text, add_special_tokens=False)
+        try:
+            enc = self.backend.encode(text, add_special_tokens=False)
+        except TypeError:
+            check_unicode(text)
+            raise
         return enc.ids, enc.offsets
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            for i, t in enumerate(texts):
+                problem = unicode_problem(t) if isinstance(t, str) else None
+                if problem is not None:
+                    raise LmforgeError(f"text {i} of the batch is not valid Unicode: {problem}") from None
+            raise
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)

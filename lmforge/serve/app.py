@@ -170,7 +170,9 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
         errs = exc.errors()
         first = errs[0] if errs else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
+        # a validator over the whole body (schemas.check_text: text that is not valid Unicode)
+        # names the field itself, as OpenAI writes it: messages[0].content
+        param = (first.get("ctx") or {}).get("param") or ".".join(loc) or None
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             msg, param = "the request body is not valid JSON", None

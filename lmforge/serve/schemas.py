@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from lmforge.tokenizer import unicode_problem
 
 # Limits that bound the work one request can ask for; the byte limit of the body is the server's.
 MAX_MESSAGES = 512
@@ -27,6 +30,45 @@ SEED_MAX = 2**63 - 1
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def _param(path) -> str | None:
+    """('messages', 0, 'content') as OpenAI names it: messages[0].content."""
+    out = ""
+    for k in path:
+        out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else str(k))
+    return out or None
+
+
+def check_text(body: Any) -> None:
+    """Every string of a request body (values and keys, at any depth) must be valid Unicode.
+
+    JSON lets a body carry a lone surrogate ("\\ud800"), which no tokenizer, UTF-8 encoder or
+    JSON response can take; refusing it here, before any field is read, covers every field that
+    carries text (messages, prompt, stop, tool arguments, ...) on every endpoint, streaming or
+    not. The error (type "invalid_unicode") names the field in its context's `param`."""
+    stack = [(body, ())]
+    while stack:  # iterative: a deeply nested body must not exhaust the call stack
+        v, path = stack.pop()
+        if isinstance(v, str):
+            bad, where = unicode_problem(v), path
+        elif isinstance(v, dict):
+            bad = None
+            for k in v:
+                if isinstance(k, str) and unicode_problem(k) is not None:
+                    bad, where = f"{unicode_problem(k)} of a key", path
+                    break
+            # (children pushed last-first, so the first bad string in the body is the one named)
+            stack.extend((x, path + (k,)) for k, x in reversed(v.items()) if isinstance(x, (str, dict, list)))
+        elif isinstance(v, list):
+            bad = None
+            stack.extend((v[i], path + (i,)) for i in range(len(v) - 1, -1, -1) if isinstance(v[i], (str, dict, list)))
+        else:
+            bad = None
+        if bad is not None:
+            param = _param(where)
+            raise PydanticCustomError("invalid_unicode", "text is not valid Unicode: {problem}",
+                                      {"problem": bad, "param": param})
 
 
 class FunctionDef(_Body):
@@ -119,6 +161,12 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     user: str | None = Field(default=None, max_length=256)
     system2: System2 | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        check_text(data)
+        return data
 
     @field_validator("stop")
     @classmethod

@@ -61,7 +61,9 @@ def run(cfg: Config) -> None:
             line = input("> " if interactive else "")
         except EOFError:
             break
-        text = line.strip()
+        except UnicodeDecodeError as e:
+            raise LmforgeError(f"stdin is not valid {e.encoding}: {e.reason} (byte 0x{e.object[e.start]:02x})") from None
+        text = line.strip()  # a piped line's "\n" / "\r\n" goes with the rest of the outer whitespace
         if not text:
             continue
         if text in ("/quit", "/exit"):

@@ -32,6 +32,17 @@ def _prompt(lm, prompt: str | None, messages: list | None, system: str | None, r
     return lm.encode_chat(messages), list(messages)
 
 
+def read_stdin() -> str:
+    """The prompt piped on stdin, without the line breaks that end it: `echo "Q" | lmforge
+    generate` asks what `--prompt "Q"` asks (as `--prompt "$(cat file)"` would). Only trailing
+    "\\n" / "\\r\\n" go; spaces and line breaks inside or before the text are the prompt's."""
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"stdin is not valid {e.encoding}: {e.reason} (byte 0x{e.object[e.start]:02x})") from None
+    return text.rstrip("\r\n")
+
+
 def system2_reply(lm, cfg, mode: str, ids: list[int], messages: list | None, params) -> dict:
     """The chosen reply (system2_generate's dict); --verbose lists the samples on stderr."""
     from lmforge.align.system2 import describe, system2_generate
@@ -84,7 +95,7 @@ def run(cfg: Config) -> None:
             if cfg.out:
                 out.close()
         return
-    prompt = cfg.prompt if cfg.prompt is not None else sys.stdin.read()
+    prompt = cfg.prompt if cfg.prompt is not None else read_stdin()
     if not prompt.strip():
         raise LmforgeError("empty prompt (pass --prompt TEXT or text on stdin)")
     lm = load_lm(cfg)
