@@ -232,3 +232,26 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, list[str]]], batc
         for j, s in zip(idx, sc):
             out[r][j] = s
     return out  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def token_logprobs(model, ids: list[int], top_k: int = 0, chunk: int = 512) -> list[dict]:
+    """Per-token log-probabilities of a whole sequence, as the server's prompt logprobs (`echo`
+    with `logprobs`, which lm-evaluation-harness scores multiple-choice tasks with): None as the
+    first token's logprob and top (nothing predicts it), then {"id", "logprob", "top": [(id,
+    logprob)] * top_k} for every later token.
+    The output head runs on `chunk` positions at a time, so a long prompt never holds
+    [tokens, vocab] logits at once."""
+    device = model.lm_head.weight.device
+    x = torch.tensor([ids], device=device)
+    h = model(x, hidden_only=True)[0, :-1]
+    out: list[dict] = [{"id": ids[0], "logprob": None, "top": None}]
+    for s in range(0, h.shape[0], chunk):
+        lp = torch.log_softmax(model.lm_head(h[s:s + chunk]).float(), dim=-1)
+        nxt = x[0, s + 1:s + 1 + lp.shape[0]]
+        chosen = lp.gather(-1, nxt[:, None])[:, 0].tolist()
+        tops = torch.topk(lp, top_k) if top_k else None
+        for j, (tok, v) in enumerate(zip(nxt.tolist(), chosen)):
+            top = list(zip(tops.indices[j].tolist(), tops.values[j].tolist())) if tops is not None else []
+            out.append({"id": tok, "logprob": v, "top": top})
+    return out

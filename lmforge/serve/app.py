@@ -252,7 +252,7 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        reqs, prompts_text, s2 = await run_in_threadpool(_prepare_completion, body, tokenizer, sched, cfg, reward_model)
+        reqs, prompts_text, s2, prompt_lps = await run_in_threadpool(_prepare_completion, body, tokenizer, sched, cfg, reward_model)
         handles = []
         try:
             for r in reqs:
@@ -274,10 +274,10 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
             return await _collect_system2_completion(handles, meta, picks, echo, request)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream_completion(handles, meta, sched, echo, include_usage), media_type="text/event-stream",
+            return StreamingResponse(_stream_completion(handles, meta, sched, echo, include_usage, prompt_lps), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(_cancel_all, handles))
-        return await _collect_completion(handles, meta, sched, echo, request)
+        return await _collect_completion(handles, meta, sched, echo, request, prompt_lps)
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -457,8 +457,6 @@ def _prepare_chat(body: ChatCompletionRequest, tokenizer, sched: Scheduler, cfg:
 def _prepare_completion(body: CompletionRequest, tokenizer, sched: Scheduler, cfg: ServeConfig, reward_model=None):
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not computed)", param="echo")
     if body.n > sched.slots:
         raise APIError(400, f"n={body.n} exceeds this server's {sched.slots} slots", param="n")
     p = body.prompt
@@ -488,6 +486,13 @@ def _prepare_completion(body: CompletionRequest, tokenizer, sched: Scheduler, cf
     n = body.n if s2 is None else s2[1]
     if len(ids_list) * n > sched.slots + sched.max_queue:
         raise APIError(400, f"{len(ids_list)} prompts x n={n} is more than this server takes at once", param="prompt")
+    prompt_lps = None
+    if body.echo and body.logprobs is not None:  # prompt logprobs, as vLLM gives (lm-eval scores with them)
+        if s2 is not None:
+            raise APIError(400, "echo with logprobs cannot be combined with system2", param="echo")
+        from lmforge.eval.scoring import token_logprobs
+
+        prompt_lps = [token_logprobs(sched.model, ids, body.logprobs) for ids in ids_list]
     reqs = []
     for ids in ids_list:
         budget = _budget(len(ids), body.max_tokens, sched, cfg, "prompt")
@@ -496,7 +501,7 @@ def _prepare_completion(body: CompletionRequest, tokenizer, sched: Scheduler, cf
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             logit_bias=_logit_bias(body, sched.vocab),
         ))
-    return reqs, texts, s2
+    return reqs, texts, s2, prompt_lps
 
 
 def _cancel_all(handles) -> None:
@@ -708,14 +713,16 @@ async def _stream_chat(handle, prep: ChatPrep, meta: dict, sched: Scheduler, inc
         handle.cancel()
 
 
-def _completion_logprobs(sched: Scheduler, entries: list[dict], offset0: int) -> dict:
+def _completion_logprobs(sched: Scheduler, entries: list, offset0: int) -> dict:
+    """OpenAI's completions `logprobs` object; with echo, the prompt's first token has logprob
+    and top_logprobs None (nothing predicts it), as OpenAI and vLLM answer."""
     tokens, lps, tops, offsets = [], [], [], []
     pos = offset0
     for e in entries:
         t, _ = sched.token_text(e["id"])
         tokens.append(t)
         lps.append(e["logprob"])
-        tops.append({sched.token_text(tid)[0]: v for tid, v in e["top"]})
+        tops.append(None if e["top"] is None else {sched.token_text(tid)[0]: v for tid, v in e["top"]})
         offsets.append(pos)
         pos += len(t)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -744,7 +751,7 @@ async def _merged(handles):
             t.cancel()
 
 
-async def _collect_completion(handles, meta: dict, sched: Scheduler, echo, request: Request) -> dict:
+async def _collect_completion(handles, meta: dict, sched: Scheduler, echo, request: Request, prompt_lps=None) -> dict:
     choices = {}
     completion = 0
     async with _watch_disconnect(request, handles):
@@ -762,14 +769,16 @@ async def _collect_completion(handles, meta: dict, sched: Scheduler, echo, reque
     for idx in sorted(choices):
         c = choices[idx]
         prefix = echo[c["k"]] if echo else ""
-        lp = _completion_logprobs(sched, c["lp"], len(prefix)) if handles[c["k"]].req.logprobs is not None else None
+        lp = None
+        if handles[c["k"]].req.logprobs is not None:
+            lp = _completion_logprobs(sched, (prompt_lps[c["k"]] if prompt_lps else []) + c["lp"], 0 if prompt_lps else len(prefix))
         out.append({"index": idx, "text": prefix + "".join(c["text"]), "logprobs": lp, "finish_reason": c["finish"]})
     prompt = sum(len(h.req.prompt) for h in handles)
     return {**meta, "object": "text_completion", "choices": out,
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
 
 
-async def _stream_completion(handles, meta: dict, sched: Scheduler, echo, include_usage: bool):
+async def _stream_completion(handles, meta: dict, sched: Scheduler, echo, include_usage: bool, prompt_lps=None):
     base = {**meta, "object": "text_completion"}
     completion = 0
     offsets: dict[int, int] = {}
@@ -777,7 +786,10 @@ async def _stream_completion(handles, meta: dict, sched: Scheduler, echo, includ
         if echo:
             for k, h in enumerate(handles):
                 for i in range(h.req.n):
-                    yield _sse({**base, "choices": [{"index": k * h.req.n + i, "text": echo[k], "logprobs": None, "finish_reason": None}]})
+                    lp = _completion_logprobs(sched, prompt_lps[k], 0) if prompt_lps else None
+                    yield _sse({**base, "choices": [{"index": k * h.req.n + i, "text": echo[k], "logprobs": lp, "finish_reason": None}]})
+                    if lp:
+                        offsets[k * h.req.n + i] = sum(len(t) for t in lp["tokens"])
         async for k, ev in _merged(handles):
             if ev.finish == "error":
                 yield _sse(error_body(f"generation failed: {ev.error}", type="server_error"))
