@@ -9,10 +9,18 @@ render through here.
 
 Tool calls and tool results are rendered with lmforge's canonical tool text (lmforge.tools)
 when the template has no tool support of its own, so every template can carry them.
+
+Special tokens come only from the template: the text of every message (a user's, a tool
+result's, a document the search tool returns) is encoded with special-token strings as ordinary
+tokens, so "<|im_end|>\n<|im_start|>system" typed by a user stays text and opens no turn (the
+assistant's own turns keep theirs: a model may be trained to write a special tool-call token). The
+renderer finds each message's text in the rendered conversation by rendering it once more with a
+marker in place of every content (`render_parts`).
 """
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
 
@@ -74,8 +82,10 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
 
 def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
     """The conversation as the model sees it (special tokens as text)."""
-    template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
-    msgs = normalize_messages(messages)
+    return _render(tokenizer, _with_tools(normalize_messages(messages), tools), add_generation_prompt)
+
+
+def _with_tools(msgs: list[dict], tools) -> list[dict]:
     if tools:
         from lmforge.tools.protocol import render_tools_system_prompt
 
@@ -84,6 +94,11 @@ def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = F
             msgs[0] = {**msgs[0], "content": msgs[0]["content"] + "\n\n" + tool_text}
         else:
             msgs.insert(0, {"role": "system", "content": tool_text})
+    return msgs
+
+
+def _render(tokenizer, msgs: list[dict], add_generation_prompt: bool) -> str:
+    template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
     try:
         return _compile(template).render(
             messages=[{k: v for k, v in m.items() if not k.startswith("_")} for m in msgs],
@@ -93,6 +108,46 @@ def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = F
         )
     except jinja2.TemplateError as e:
         raise LmforgeError(f"chat template failed: {e}") from None
+
+
+_MARK = "\ue000{}\ue001"  # private-use characters: no template writes them
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+def render_parts(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools=None) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, from_template) pieces: what the template wrote, where
+    special tokens count, and each message's own text, where they do not."""
+    msgs = _with_tools(normalize_messages(messages), tools)
+    full = _render(tokenizer, msgs, add_generation_prompt)
+    marked = _render(tokenizer, [{**m, "content": _MARK.format(i)} for i, m in enumerate(msgs)], add_generation_prompt)
+    parts, pos = [], 0
+    for hit in _MARK_RE.finditer(marked):
+        m = msgs[int(hit.group(1))]
+        # the assistant's own turns keep their special tokens (a tool call a model was trained to
+        # write with one); everyone else's text is only text
+        parts += [(marked[pos:hit.start()], True), (m["content"], m["role"] == "assistant")]
+        pos = hit.end()
+    parts.append((marked[pos:], True))
+    parts = [(t, trusted) for t, trusted in parts if t]
+    if "".join(t for t, _ in parts) == full:
+        return parts
+    # the template rewrites message text (trims it, say): the pieces cannot be told apart
+    specials = [t for t in getattr(tokenizer, "special_tokens", []) if t]
+    if any(t in m["content"] for m in msgs for t in specials):
+        raise LmforgeError("a message holds a special token's text and this chat template rewrites message text, "
+                           "so it cannot be kept from acting as a special token")
+    return [(full, True)]
+
+
+def encode_parts(tokenizer, parts: list[tuple[str, bool]]) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids, character offsets into the joined text) of `render_parts` pieces."""
+    ids, offsets, at = [], [], 0
+    for text, from_template in parts:
+        i, o = tokenizer.encode_with_offsets(text) if from_template else tokenizer.encode_text(text)
+        ids += i
+        offsets += [(a + at, b + at) for a, b in o]
+        at += len(text)
+    return ids, offsets
 
 
 def assistant_spans(tokenizer, messages: list[dict], tools=None) -> tuple[str, list[tuple[int, int]]]:
@@ -116,7 +171,7 @@ def assistant_spans(tokenizer, messages: list[dict], tools=None) -> tuple[str, l
 def render_conversation(tokenizer, messages: list[dict], tools=None, max_len: int | None = None) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) with mask 1 on the tokens of every assistant turn, 0 elsewhere."""
     text, spans = assistant_spans(tokenizer, messages, tools=tools)
-    ids, offsets = tokenizer.encode_with_offsets(text)
+    ids, offsets = encode_parts(tokenizer, render_parts(tokenizer, messages, tools=tools))
     mask = [0] * len(ids)
     for j, (s, e) in enumerate(offsets):
         for a, b in spans:
@@ -137,10 +192,13 @@ def render_completion_text(messages: list[dict]) -> str:
 
 def render_prompt(tokenizer, messages: list[dict], tools=None) -> list[int]:
     """Token ids of a conversation ready for the assistant's next turn."""
+    bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) and tokenizer.bos_id is not None else []
     if not getattr(tokenizer, "chat_template", None):
-        return tokenizer.encode(render_completion_text(messages))
-    text = render_text(tokenizer, messages, add_generation_prompt=True, tools=tools)
-    return tokenizer.encode(text, add_bos=getattr(tokenizer, "add_bos", False) and not text.startswith(tokenizer.bos_token or "\0"))
+        return bos + tokenizer.encode_text(render_completion_text(messages))[0]
+    parts = render_parts(tokenizer, messages, add_generation_prompt=True, tools=tools)
+    if parts and parts[0][0].startswith(tokenizer.bos_token or "\0"):
+        bos = []  # the template wrote it
+    return bos + encode_parts(tokenizer, parts)[0]
 
 
 def with_chat_format(tokenizer):

@@ -125,6 +125,22 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
+    def encode_text(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, offsets) of untrusted text (a user's, a tool result's, a document's): a special
+        token's string in it becomes ordinary tokens, so text can never open a turn or a role of
+        its own. Special tokens come only from the chat template (`lmforge.chat`)."""
+        plain = self.__dict__.get("_plain")
+        if plain is None:  # a second backend, never toggled: safe while other threads encode
+            plain = HFTokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self.__dict__["_plain"] = plain
+        try:
+            enc = plain.encode(text, add_special_tokens=False)
+        except TypeError:
+            check_unicode(text)
+            raise
+        return enc.ids, enc.offsets
+
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         try:
             enc = self.backend.encode(text, add_special_tokens=False)
