@@ -1,6 +1,7 @@
 """Shared fixtures: the default model (skipped when not installed) and tiny random models."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -55,3 +56,29 @@ def run_cli(capsys, *args):
     code = main(list(args))
     out = capsys.readouterr()
     return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """uvicorn serving `app` on a free 127.0.0.1 port in a thread; yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        th.join(15)

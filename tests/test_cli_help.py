@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_config
+from test_eval_scoring import byte_tokenizer
 from lmforge.cli.main import available_commands
 from lmforge.config import _is_optional, parse_args
 from lmforge.errors import LmforgeError
@@ -228,20 +229,6 @@ def test_fetch_help_points_to_a_file_in_the_repo(capsys):
 
 
 # -- perplexity: window = the model's context, stride = half of it, unless set ------------------
-
-def byte_tokenizer():
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    from lmforge.tokenizer import Tokenizer, _bytes_to_unicode
-
-    b2u = _bytes_to_unicode()
-    backend = HFTokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
-    return Tokenizer(backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
 
 @pytest.fixture(scope="module")
 def ctx64():

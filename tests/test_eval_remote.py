@@ -150,18 +150,25 @@ def test_evaluate_a_served_model(stub, tmp_path):
     assert (tmp_path / "run" / "results.json").exists()
 
 
-def test_generation_against_lmforges_own_server():
-    """lmforge's server (a tiny random model): generation works through the client; prompt
-    logprobs are refused by that server, and the client says so in one line."""
+def test_generation_and_loglikelihoods_against_lmforges_own_server():
+    """lmforge's server (a tiny random model): generation works through the client, and the
+    prompt log-probs it returns (echo + logprobs) give the same scores as scoring locally."""
     serve = pytest.importorskip("lmforge.serve")
     from fastapi.testclient import TestClient
     from test_eval_scoring import byte_tokenizer, tiny_byte_model
 
-    app = serve.create_app(tiny_byte_model(seed=1), byte_tokenizer(), serve.ServeConfig(slots=2, ctx=96, model_id="tiny"))
+    from lmforge.eval.scoring import loglikelihoods
+
+    model, tok = tiny_byte_model(seed=1), byte_tokenizer()
+    app = serve.create_app(model, tok, serve.ServeConfig(slots=2, ctx=96, model_id="tiny"))
     with TestClient(app) as client:
         rm = RemoteModel("http://testserver/v1", client=client)
         assert rm.model == "tiny"
         outs = rm.generate(["abc", "hello"], max_tokens=5)
         assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
-        with pytest.raises(LmforgeError, match="echo|log-prob"):
-            rm.loglikelihoods([("abc", [" d", " e"])])
+        requests = [("abc", [" d", " e"]), ("hello wor", ["ld", "m"])]
+        remote = rm.loglikelihoods(requests)
+    local = loglikelihoods(model, tok, requests)
+    for r_row, l_row in zip(remote, local):
+        for r, l in zip(r_row, l_row):
+            assert r.logprob == pytest.approx(l.logprob, abs=1e-4) and r.greedy == l.greedy

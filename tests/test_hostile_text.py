@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import sys
-import threading
-import time
 
 import pytest
 import torch
 
-from conftest import run_cli, tiny_config
+from conftest import live_server, run_cli, tiny_config
 from lmforge.errors import LmforgeError
 
 openai = pytest.importorskip("openai")
@@ -36,27 +33,14 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def server(tokenizer):
     """uvicorn on 127.0.0.1 serving a tiny random model with the default model's tokenizer."""
-    import uvicorn
-
     from lmforge.model import Transformer
     from lmforge.serve import ServeConfig, create_app
 
     torch.manual_seed(0)
     model = Transformer(tiny_config(vocab_size=tokenizer.vocab_size, max_seq_len=512)).init_weights(seed=0).eval()
     app = create_app(model, tokenizer, ServeConfig(slots=4, ctx=256, model_id=MODEL))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "server did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    th.join(15)
+    with live_server(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import live_server
 from lmforge.loading.resolve import DEFAULT_MODEL_ID
 from lmforge.serve import ServeConfig, create_app
 
@@ -28,28 +27,11 @@ TOOLS = [{"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(default_lm):
-    import uvicorn
-
     app = create_app(default_lm.model, default_lm.tokenizer, ServeConfig(slots=4, ctx=1024, api_key=KEY))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "server did not start"
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", app=app)
-    srv.should_exit = True
-    th.join(15)
+    with live_server(app) as url:
+        yield SimpleNamespace(url=url, app=app)
 
 
 @pytest.fixture(scope="module")
