@@ -296,3 +296,20 @@ def test_cli_serve_flags(capsys):
     for flag in ("--host", "--port", "--api-key", "--slots", "--ctx", "--max-queue", "--max-request-bytes", "--model"):
         assert flag in out
     assert "127.0.0.1" in out  # loopback unless asked otherwise
+
+
+def test_openapi_lists_the_real_error_responses(client):
+    """The document says what the server answers: OpenAI-shaped 400/401/413/429/500 on the
+    generation routes, 401 on the model routes, and never FastAPI's default 422."""
+    doc = client.get("/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        res = doc["paths"][path]["post"]["responses"]
+        assert {"200", "400", "401", "413", "429", "500"} <= set(res) and "422" not in res, path
+        ref = res["400"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/ErrorResponse")
+    assert set(doc["paths"]["/v1/models"]["get"]["responses"]) == {"200", "401"}
+    err = doc["components"]["schemas"]["ErrorDetail"]["properties"]
+    assert {"message", "type", "param", "code"} <= set(err)
+    # and the server does answer a bad body with that shape and status
+    r = client.post("/v1/chat/completions", json={"model": "m", "messages": "not a list"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}

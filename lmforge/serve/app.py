@@ -35,7 +35,8 @@ from lmforge import __version__
 from lmforge.engine import SamplingParams, recommended_sampling
 from lmforge.errors import LmforgeError
 from lmforge.serve.json_mode import key_constraint as json_mode_keys
-from lmforge.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, error_body
+from lmforge.serve.schemas import (AUTH_ERRORS, GENERATION_ERRORS, APIError, ChatCompletionRequest, CompletionRequest,
+                                   error_body)
 from lmforge.serve.scheduler import GenRequest, QueueFull, Scheduler
 
 log = logging.getLogger("lmforge.serve")
@@ -217,16 +218,16 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
         return {"status": "ok", "model": model_id, **sched.load(), "requests": st.requests, "tokens": st.tokens,
                 "decode_steps": st.steps, "decode_rows": st.rows, "mean_batch": round(st.rows / st.steps, 3) if st.steps else 0.0}
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models", dependencies=[Depends(check_key)], responses=AUTH_ERRORS)
     async def list_models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(check_key)])
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(check_key)], responses=AUTH_ERRORS)
     async def get_model(name: str):
         check_model(name)
         return model_card()
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], responses=GENERATION_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         prep = await run_in_threadpool(_prepare_chat, body, tokenizer, sched, cfg, reward_model)
@@ -249,7 +250,7 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
                                      background=BackgroundTask(handle.cancel))
         return await _collect_chat(handle, prep, meta, sched, request)
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/completions", dependencies=[Depends(check_key)], responses=GENERATION_ERRORS)
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         reqs, prompts_text, s2, prompt_lps = await run_in_threadpool(_prepare_completion, body, tokenizer, sched, cfg, reward_model)
@@ -284,7 +285,22 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document without the 422 it lists by default: a body that fails validation is
+    answered 400 in OpenAI's error shape (listed per route), never 422."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for ops in doc.get("paths", {}).values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 # -- request preparation (worker thread) -------------------------------------------------

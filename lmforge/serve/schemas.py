@@ -243,5 +243,33 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: every non-200 answer of the API is one."""
+
+    error: ErrorDetail
+
+
+def _error(description: str) -> dict:
+    return {"model": ErrorResponse, "description": description}
+
+
+# What each kind of route can answer besides 200, for the OpenAPI document.
+AUTH_ERRORS = {401: _error("missing or wrong API key (when the server has one)")}
+GENERATION_ERRORS = {
+    400: _error("invalid request: a bad field (named in error.param), a prompt over the context, text that is not valid Unicode"),
+    **AUTH_ERRORS,
+    413: _error("request body over the server's size limit"),
+    429: _error("the queue is full: retry later"),
+    500: _error("generation failed"),
+}
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
