@@ -139,3 +139,34 @@ def test_auto_drafter_needs_a_three_token_match():
     d.start([], 100)
     assert d.propose([1, 2, 3, 4, 5, 9, 2, 3], 3) == []  # only a 2-token match ([2, 3])
     assert d.propose([1, 2, 3, 4, 5, 9, 1, 2, 3], 3) == [4, 5, 9]
+
+
+def test_an_already_quantized_gguf_is_not_rounded_twice(tmp_path, tiny_dir):
+    """--quant auto on a CPU: int8 for full-precision weights, but a GGUF that is already 4- or
+    8-bit runs on fp16 copies of its own numbers (int8 on top of Q4_1 changed the default model's
+    answers: benchmarks/results/default_fidelity.json)."""
+    import lmforge
+    from lmforge.export.gguf import write_gguf
+    from lmforge.loading.gguf_file import gguf_is_quantized
+    from lmforge.quant import resolve_precision
+
+    lm = lmforge.load(tiny_dir)
+    for kind, quantized in (("f16", False), ("q8_0", True)):
+        path = write_gguf(lm.model, lm.tokenizer, tmp_path / f"m-{kind}.gguf", gguf_type=kind)
+        assert gguf_is_quantized(path) is quantized
+        auto = lmforge.load(str(path), quant="auto", device="cpu")
+        want = torch.float16 if quantized else torch.float32
+        assert auto.model.model.embed_tokens.weight.dtype == want, kind
+    assert resolve_precision("fp32", "auto", "cpu", quantized_source=True) == ("fp16", "none")
+    assert resolve_precision("fp32", "none", "cpu", quantized_source=True) == ("fp32", "none")  # asked for exact
+    assert resolve_precision("bf16", "auto", "cpu", quantized_source=True) == ("bf16", "none")
+
+
+def test_the_readme_question_gets_the_right_answer_by_default(default_model_path, capsys):
+    """`lmforge generate` with every default (the README's example) answers Paris."""
+    from conftest import run_cli
+
+    r = run_cli(capsys, "generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "24",
+                "--stream", "false")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout

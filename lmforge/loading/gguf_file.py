@@ -141,6 +141,24 @@ def read_gguf_file(path: Path) -> tuple[dict, list[GGUFTensor]]:
     return meta, tensors
 
 
+def gguf_is_quantized(path: Path) -> bool:
+    """Whether a GGUF file's weights are quantized (Q4_0, Q4_1, Q8_0, K-quants...), from its
+    `general.file_type` (0 = F32, 1 = F16, else quantized), read without parsing the rest."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)  # general.* keys come first, before the tokenizer's arrays
+        c = _Cursor(memoryview(head))
+        c.pos = 4 + 4 + 8
+        for _ in range(c.take("<Q")):
+            key, vtype = c.string(), c.take("<I")
+            value = c.value(vtype)
+            if key == "general.file_type":
+                return int(value) not in (0, 1)
+    except (struct.error, ValueError, IndexError, OSError):
+        pass
+    return False
+
+
 def read_gguf_metadata(path: Path) -> dict:
     return read_gguf_file(Path(path))[0]
 

@@ -106,6 +106,17 @@ def build_model(cfg: Config, state: dict, device="cpu") -> Transformer:
     return model.to(device).eval()
 
 
+def _quantized_gguf(model) -> bool:
+    """Whether `model` names a GGUF file whose weights are already quantized."""
+    try:
+        path = resolve_model_path(model)
+    except LmforgeError:
+        return False  # the loader says what is wrong, in its own words
+    from lmforge.loading.gguf_file import gguf_is_quantized
+
+    return path.is_file() and path.suffix.lower() == ".gguf" and gguf_is_quantized(path)
+
+
 def load_model(model=None, dtype="fp32", device="cpu", quant: str = "none") -> tuple[Transformer, Tokenizer | None]:
     """Load a model for inference. `device`: cpu, cuda, cuda:N, mps or auto (CUDA when present,
     else MPS, else CPU; `lmforge.device.resolve_device`). `quant` (int8/int4) is applied after
@@ -118,7 +129,7 @@ def load_model(model=None, dtype="fp32", device="cpu", quant: str = "none") -> t
     from lmforge.quant import resolve_precision
 
     device = resolve_device(device)
-    dtype, quant = resolve_precision(dtype, quant, device)
+    dtype, quant = resolve_precision(dtype, quant, device, quantized_source=quant == "auto" and _quantized_gguf(model))
     adapter = adapter_folder(model)
     if adapter is not None:
         from lmforge.finetune.lora import load_adapter_model
