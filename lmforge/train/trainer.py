@@ -71,7 +71,7 @@ import torch.nn as nn
 from lmforge.device import resolve_device
 from lmforge.errors import LmforgeError
 from lmforge.train.batches import BatchSource, ListBatches, to_device  # noqa: F401  (public names)
-from lmforge.train.checkpoint import commit_checkpoint, latest_checkpoint, rng_state, set_rng_state
+from lmforge.train.checkpoint import commit_checkpoint, latest_checkpoint, rng_state, set_rng_state, step_dir_name
 from lmforge.train.distributed import (DistInfo, agree, all_gather_objects, all_reduce_mean, barrier,  # noqa: F401
                                        dist_info, unwrap, wrap_for_ranks)
 from lmforge.train.plots import plot_metrics, read_metrics, safe_plots  # noqa: F401  (public names)
@@ -525,7 +525,7 @@ def _save(run: _Run, save_fn, extra_state) -> Path:
     rng_states = all_gather_objects(rng_state(), di)
     model_state = _gather_model_state(run)
     opt_state = _optimizer_state(run)
-    final = run.run_dir / "checkpoints" / f"step-{run.step:06d}"
+    final = run.run_dir / "checkpoints" / step_dir_name(run.step)
     if run.main:
         extra = None
         if extra_state is not None:
