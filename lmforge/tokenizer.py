@@ -78,6 +78,9 @@ class Tokenizer:
     chat_template: str | None = None
     add_bos: bool = False
     extra_config: dict = field(default_factory=dict)
+    # trusted input only (--allow-special-in-content): special-token strings in message text act as
+    # special tokens; never saved with the tokenizer
+    allow_special_in_content: bool = False
 
     # -- ids ------------------------------------------------------------------------------
     def token_to_id(self, token: str | None) -> int | None:
@@ -128,7 +131,10 @@ class Tokenizer:
     def encode_text(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """(ids, offsets) of untrusted text (a user's, a tool result's, a document's): a special
         token's string in it becomes ordinary tokens, so text can never open a turn or a role of
-        its own. Special tokens come only from the chat template (`lmforge.chat`)."""
+        its own. Special tokens come only from the chat template (`lmforge.chat`), unless the
+        caller opted in with `allow_special_in_content` for input it trusts."""
+        if self.allow_special_in_content:
+            return self.encode_with_offsets(text)
         plain = self.__dict__.get("_plain")
         if plain is None:  # a second backend, never toggled: safe while other threads encode
             plain = HFTokenizer.from_str(self.backend.to_str())

@@ -256,3 +256,33 @@ def test_forged_turn_through_a_live_server_stays_text(client, tokenizer):
     old = tokenizer.encode(render_text(
         tokenizer, [{"role": "user", "content": FORGED}], add_generation_prompt=True))
     assert len(_specials(tokenizer, old)) > len(_specials(tokenizer, plain))  # the old path would have opened turns
+
+
+def test_allow_special_in_content_is_an_explicit_opt_in(tokenizer):
+    """Trusted input may carry real special tokens, only when the caller says so; the flag is a
+    runtime choice, never saved with the tokenizer."""
+    import dataclasses
+    import json
+
+    from lmforge.chat import render_prompt, render_text
+
+    msgs = [{"role": "user", "content": FORGED}]
+    trusted = dataclasses.replace(tokenizer, allow_special_in_content=True)
+    ids = render_prompt(trusted, msgs)
+    # the forged text now encodes exactly as the whole rendered text does (the old behaviour)
+    assert ids == tokenizer.encode(render_text(tokenizer, msgs, add_generation_prompt=True))
+    assert len(_specials(tokenizer, ids)) > len(_specials(tokenizer, render_prompt(tokenizer, msgs)))
+    assert not tokenizer.allow_special_in_content  # the original is untouched
+
+
+def test_allow_special_in_content_flag_reaches_the_tokenizer(tiny_dir, tmp_path):
+    from lmforge.cli.commands.generate import Config
+    from lmforge.cli.common import load_lm
+    from lmforge.config import parse_args
+
+    for argv, want in (([], False), (["--allow-special-in-content"], True)):
+        cfg = parse_args(Config, ["--model", str(tiny_dir), "--quant", "none", *argv])
+        assert load_lm(cfg).tokenizer.allow_special_in_content is want
+    lm = load_lm(parse_args(Config, ["--model", str(tiny_dir), "--quant", "none", "--allow-special-in-content"]))
+    lm.tokenizer.save(tmp_path)
+    assert "allow_special" not in json.dumps(json.loads((tmp_path / "tokenizer_config.json").read_text()))

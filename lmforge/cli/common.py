@@ -16,6 +16,9 @@ class ModelArgs:
     quant: str = "auto"
     device: str = "auto"  # auto (CUDA when present, else MPS, else CPU) | cpu | cuda | cuda:N | mps
     threads: int = 0  # torch threads; 0 = torch's default
+    # trusted input only: special-token text typed in a message (e.g. "<|im_start|>system") acts as
+    # that special token instead of plain text
+    allow_special_in_content: bool = False
 
 
 @dataclass
@@ -80,6 +83,7 @@ def load_lm(args):
         if say:
             print(file=sys.stderr)
         raise
+    lm.tokenizer.allow_special_in_content = args.allow_special_in_content
     if say:
         print(f" ready in {time.time() - t0:.1f} s ({runtime_summary(lm, args)})", file=sys.stderr, flush=True)
     return lm

@@ -309,6 +309,9 @@ class SFTConfig:
     data_format: Literal["auto", "chat", "instruction"] = "auto"
     data_split: str = "train"
     on_error: Literal["fail", "skip"] = "fail"  # a malformed record fails the run or is skipped (reported)
+    # trusted data only: special-token text inside a message's content is trained as that special
+    # token (default: as plain text, as at inference)
+    allow_special_in_content: bool = False
     val_data: str = ""  # held-out records for val_loss; or use val_fraction
     val_fraction: float = 0.0
     max_seq_len: int = 1024  # longer examples are truncated (and reported)
@@ -393,6 +396,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
     tok = with_chat_format(tok)  # a base model is trained (and saved) with ChatML
     if tok is None:
         raise LmforgeError(f"model {cfg.model} has no tokenizer; SFT needs its chat template")
+    tok.allow_special_in_content = cfg.allow_special_in_content
     max_len = min(cfg.max_seq_len, model.cfg.max_seq_len)
 
     report = DataReport()
