@@ -220,3 +220,28 @@ def test_time_limit_stops_without_the_final_eval(tmp_path, capsys):
     assert "final eval and sample are skipped" in capsys.readouterr().out
     assert latest_checkpoint(tmp_path / "run").name == "step-000001"
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 1  # the loss is still logged
+
+
+def test_time_clock_schedule_decays_on_the_clock(tmp_path):
+    """`schedule_clock: time` decays over `time_limit_s` of wall-clock time, whatever the steps:
+    a run sized by a budget ends at its minimum learning rate on a fast or a slow machine."""
+    c = TrainConfig(lr=1.0, warmup_steps=2, max_steps=10**6, min_lr_ratio=0.1, time_limit_s=100, schedule_clock="time")
+    assert lr_factor(0, c, 0.0) == pytest.approx(0.5)  # warmup still counts steps
+    assert lr_factor(7, c, 0.0) == pytest.approx(1.0)
+    assert lr_factor(7, c, 50.0) == pytest.approx(0.55)  # cosine midpoint at half the time
+    assert lr_factor(7, c, 150.0) == pytest.approx(0.1)
+    steps = TrainConfig(lr=1.0, warmup_steps=2, max_steps=12, min_lr_ratio=0.1, time_limit_s=100)
+    assert lr_factor(7, steps, 99.0) == pytest.approx(0.55)  # the default clock ignores time
+    with pytest.raises(LmforgeError, match="schedule_clock"):
+        lr_factor(7, TrainConfig(warmup_steps=0, schedule_clock="sundial"), 1.0)
+    import time as _time
+
+    model = Transformer(tiny_config()).init_weights(seed=0)
+    batches = ListBatches(_data(), 8, collate=torch.stack, seed=1)
+    cfg = TrainConfig(lr=1e-2, warmup_steps=1, max_steps=10**6, log_every=1, time_limit_s=5.0, schedule_clock="time")
+    t0 = _time.time()
+    res = train(model, lm_loss, batches, cfg, tmp_path / "run", progress=False)
+    assert res["stopped"] == "time_limit" and _time.time() - t0 < 30
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
+    assert len(lrs) > 3 and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # falls with the clock
+    assert lrs[-1] < 0.2 * cfg.lr  # near lr * min_lr_ratio when the time is up

@@ -102,10 +102,15 @@ def all_reduce_mean(values: dict[str, float], extra: float, di: DistInfo, device
 
 def agree(flag: bool, di: DistInfo, device: torch.device) -> bool:
     """Rank 0's value of `flag` on every rank (all must stop together or a collective hangs)."""
+    return agree_value(1.0 if flag else 0.0, di, device) > 0
+
+
+def agree_value(value: float, di: DistInfo, device: torch.device) -> float:
+    """Rank 0's `value` on every rank (e.g. the clock, where ranks must use one learning rate)."""
     if not di.enabled:
-        return flag
+        return value
     import torch.distributed as dist
 
-    t = torch.tensor([1.0 if flag else 0.0], device=device if device.type == "cuda" else "cpu")
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
     dist.broadcast(t, 0)
-    return bool(t.item() > 0)
+    return float(t.item())

@@ -24,7 +24,8 @@ def plot_metrics(records: list[dict], out_dir: str | Path) -> list[Path]:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None,
                         markersize=3, label=k, linewidth=1)
-        ax.set_xlabel("step")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(UNITS.get(name, name))
         ax.set_title(name)
         ax.grid(alpha=0.3)
         if len(ks) > 1:
@@ -34,6 +35,12 @@ def plot_metrics(records: list[dict], out_dir: str | Path) -> list[Path]:
         fig.savefig(path, dpi=90)
         written.append(path)
     return written
+
+
+# y-axis labels with units for the metrics the trainers log
+UNITS = {"loss": "cross-entropy (nats per token)", "lr": "learning rate", "tokens_per_s": "tokens per second",
+         "tok_s": "tokens per second", "grad_norm": "gradient norm (before clipping)", "mfu": "model FLOPs utilization",
+         "val_bpb": "bits per byte", "heldout_bpb": "bits per byte", "peak_mem_gb": "peak memory (GB)"}
 
 
 def _groups(records: list[dict]) -> dict[str, list[str]]:

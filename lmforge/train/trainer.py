@@ -72,7 +72,7 @@ from lmforge.device import resolve_device
 from lmforge.errors import LmforgeError
 from lmforge.train.batches import BatchSource, ListBatches, to_device  # noqa: F401  (public names)
 from lmforge.train.checkpoint import commit_checkpoint, latest_checkpoint, rng_state, set_rng_state, step_dir_name
-from lmforge.train.distributed import (DistInfo, agree, all_gather_objects, all_reduce_mean, barrier,  # noqa: F401
+from lmforge.train.distributed import (DistInfo, agree, agree_value, all_gather_objects, all_reduce_mean, barrier,  # noqa: F401
                                        dist_info, unwrap, wrap_for_ranks)
 from lmforge.train.plots import plot_metrics, read_metrics, safe_plots  # noqa: F401  (public names)
 
@@ -103,6 +103,9 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept; 0 = all
     seed: int = 0
     time_limit_s: float = 0  # stop cleanly (and checkpoint, skipping the final eval) after this many seconds, counted across resumes; 0 = none
+    # what the decay follows: steps (to max_steps) | time (to time_limit_s: a run sized by the clock
+    # decays on time whatever the machine's speed, and max_steps is only a cap)
+    schedule_clock: str = "steps"
 
 
 @dataclass
@@ -115,14 +118,19 @@ class TrainHooks:
 
 
 # -- schedule and optimizer -------------------------------------------------------------------
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of cfg.lr for optimizer step `step` (0-based): warmup, then decay."""
+def lr_factor(step: int, cfg: TrainConfig, elapsed_s: float | None = None) -> float:
+    """Multiplier of cfg.lr for optimizer step `step` (0-based): warmup, then decay; with
+    `schedule_clock: time` the decay's progress is `elapsed_s` of `time_limit_s` instead."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule_clock == "time" and cfg.time_limit_s > 0 and elapsed_s is not None:
+        progress = min(1.0, elapsed_s / cfg.time_limit_s)
+    elif cfg.schedule_clock in ("steps", "time"):
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    else:
+        raise LmforgeError(f"unknown schedule_clock '{cfg.schedule_clock}' (choose steps or time)")
     if cfg.schedule == "cosine":
         decay = 0.5 * (1.0 + math.cos(math.pi * progress))
     elif cfg.schedule == "linear":
@@ -298,6 +306,7 @@ class _Run:
     tokens_seen: int = 0
     elapsed_before: float = 0.0
     t_start: float = 0.0
+    lr_factor: float = 0.0  # the multiplier of cfg.lr the last step used
     start_step: int = 0
     window_tokens: Any = 0
     window_t0: float = 0.0
@@ -404,7 +413,10 @@ def _step(run: _Run) -> tuple[dict, Any, Any]:
     from lmforge.model import aux_losses
 
     cfg = run.cfg
-    factor = lr_factor(run.step, cfg)
+    elapsed = None
+    if cfg.schedule_clock == "time":  # one clock for all ranks, or their learning rates drift apart
+        elapsed = agree_value(run.elapsed_before + time.time() - run.t_start, run.di, run.device)
+    factor = run.lr_factor = lr_factor(run.step, cfg, elapsed)
     for g in run.opt.param_groups:
         g["lr"] = cfg.lr * factor * g.get("lr_scale", 1.0)
     sums: dict[str, Any] = {}
@@ -464,7 +476,7 @@ def _log_record(run: _Run, sums: dict, grad_norm) -> dict:
     dt = max(now - run.window_t0, 1e-9)
     run.tokens_seen += int(tok)
     rate_steps = (run.step - run.start_step) / max(now - run.t_start, 1e-9)
-    record = {"step": run.step, "loss": vals.pop("loss"), "lr": cfg.lr * lr_factor(run.step - 1, cfg),
+    record = {"step": run.step, "loss": vals.pop("loss"), "lr": cfg.lr * run.lr_factor,
               "tokens_per_s": tok / dt, "tokens": run.tokens_seen,
               "elapsed_s": round(run.elapsed_before + now - run.t_start, 3),
               "eta_s": round((cfg.max_steps - run.step) / max(rate_steps, 1e-9), 1), **vals}
@@ -534,7 +546,7 @@ def _save(run: _Run, save_fn, extra_state) -> Path:
             "step": run.step, "tokens_seen": run.tokens_seen,
             "elapsed_s": run.elapsed_before + (time.time() - run.t_start),
             "world_size": di.world_size, "model": model_state, "optimizer": opt_state,
-            "scheduler": {"step": run.step, "lr_factor": lr_factor(max(run.step - 1, 0), cfg)},
+            "scheduler": {"step": run.step, "lr_factor": run.lr_factor},
             "data": data_states, "rng": rng_states, "extra": extra, "train_config": dataclasses.asdict(cfg),
         }
         if run.scaler.is_enabled():
