@@ -1,101 +1,29 @@
-"""The one generation engine, on token ids, with a KV cache.
+"""The one generation loop, on token ids: prefill every prompt once, then decode one token per
+active row per step, until each row ends (`lmforge.sampling.Row`: stop ids, stop strings via
+`should_stop`, the token budget, the context).
 
-Prefill every prompt once (rows of unequal length, right-padded, each at its own positions),
-then decode one token per active row per step. Sampling: temperature, top-k, top-p,
-repetition penalty, seeded. Stops: EOS/end-of-turn ids, stop strings, max new tokens.
-`generate_naive` recomputes the whole sequence every step; it is the test oracle for the cache.
+The loop moves tokens through a backend with one small interface (`prefill(prompts)` -> logits
+[B, V], `step(tokens, rows)` -> logits [n, V]): `CacheBackend`, the model's own forward with a KV
+cache (any batch, any model), or, for one sequence, the fused static-cache decoder
+(`lmforge.fast.decode.FastDecoder`, with CUDA graphs on a GPU). Speculative decoding is that
+decoder's other step strategy (`lmforge.fast.speculative`), chosen by `params.draft`. Sampling
+parameters, the logits chain and the rows' bookkeeping live in `lmforge.sampling`; the server's
+scheduler (continuous batching) uses the same rows. `generate_naive` recomputes the whole
+sequence every step; it is the test oracle.
 
 Text-level streaming (`stream_text`) decodes incrementally and holds back characters that could
 be the start of a stop string, so a stop string never leaks into the output.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
 
-from lmforge.errors import LmforgeError
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0 = off
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_ids: set[int] | None = None  # default: the tokenizer's EOS / end-of-turn ids
-    # speculative drafting for a single greedy sequence on the fast decoder (lmforge.fast.speculative):
-    # none | auto | ngram | self | self:LAYERS | a draft model's path (or a loaded model); batches ignore it
-    draft: object = "none"
-
-
-# What a user gets when neither they nor the model's generation_config.json say otherwise:
-# llama.cpp's defaults, which keep small models on track at ordinary temperatures.
-RECOMMENDED_SAMPLING = {"top_k": 40, "top_p": 0.95, "min_p": 0.05}
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-
-
-def recommended_sampling(model) -> dict:
-    """The sampling the model recommends (its generation_config.json, kept in cfg.extra by the
-    loader) over llama.cpp's defaults. `temperature` is present only when the model names one."""
-    rec = dict(RECOMMENDED_SAMPLING)
-    rec.update((getattr(getattr(model, "cfg", None), "extra", None) or {}).get("sampling", {}))
-    return rec
-
-
-def with_recommended(params: "SamplingParams", model, given: set[str]) -> "SamplingParams":
-    """`params` with every sampling field the caller did not give (not in `given`) taken from
-    the model's recommendation; temperature stays as given (greedy unless set)."""
-    import dataclasses
-
-    rec = {k: v for k, v in recommended_sampling(model).items() if k not in given and k != "temperature"}
-    return dataclasses.replace(params, **rec)
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty on tokens already present (`seen` is a bool mask [B, V])."""
-    if penalty == 1.0:
-        return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row from logits [B, V] (fp32)."""
-    if p.temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the top token always stays)
-        drop = probs.cumsum(-1) - probs >= p.top_p
-        drop[..., 0] = False  # even a top_p that rounds to 0 keeps the most likely token
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    if p.min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _check_prompts(model, prompts: list[list[int]], max_new_tokens: int) -> int:
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise LmforgeError("empty prompt")
-    longest = max(len(p) for p in prompts)
-    ctx = model.cfg.max_seq_len
-    if longest > ctx:
-        raise LmforgeError(f"prompt is {longest} tokens, longer than the model's context of {ctx} tokens")
-    return min(longest + max_new_tokens, ctx)
+from lmforge.sampling import (RECOMMENDED_SAMPLING, SAMPLING_KEYS, Row, SamplingParams,  # noqa: F401  (re-exported: the generation API)
+                              apply_repetition_penalty, context_capacity, process_rows, recommended_sampling,
+                              sample_next, with_recommended)
 
 
 def _prefill(model, cache, prompts: list[list[int]], device) -> torch.Tensor:
@@ -119,6 +47,34 @@ def _prefill(model, cache, prompts: list[list[int]], device) -> torch.Tensor:
     return last[torch.tensor([at[a] for a in lead], device=device)]
 
 
+class CacheBackend:
+    """The general backend: the model's forward with a KV cache of one row per prompt."""
+
+    def __init__(self, model, batch: int, capacity: int):
+        self.model = model
+        self.device = model.lm_head.weight.device
+        self.cache = model.new_cache(batch, capacity)
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        return _prefill(self.model, self.cache, prompts, self.device)
+
+    def step(self, tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        logits = self.model(tokens[:, None], cache=self.cache, rows=torch.tensor(rows, device=self.device))
+        return logits[:, -1].float()
+
+
+def _backend(model, prompts: list[list[int]], capacity: int):
+    """The fused decoder for one prompt where it supports the model, else the KV-cache backend."""
+    if len(prompts) == 1:
+        from lmforge.fast.decode import fast_decoder_for
+
+        fast = fast_decoder_for(model)
+        if fast is not None:
+            fast.begin(capacity)
+            return fast
+    return CacheBackend(model, len(prompts), capacity)
+
+
 @torch.inference_mode()
 def generate_tokens(
     model,
@@ -127,61 +83,35 @@ def generate_tokens(
     stop_ids: set[int] | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
 ) -> Iterator[tuple[int, int]]:
-    """Yield (row, token_id) as tokens are produced; a row ends on a stop id, `should_stop`, the
-    token budget, or the context limit."""
-    if len(prompts) == 1:  # one sequence: the static-cache fast path when it supports the model
-        from lmforge.fast.decode import fast_decoder_for
+    """Yield (row, token_id) as tokens are produced; a row ends on a stop id, `should_stop(row,
+    produced)`, the token budget, or the context limit."""
+    capacity = context_capacity(model.cfg.max_seq_len, [len(p) for p in prompts], params.max_new_tokens)
+    stops = set(params.stop_ids if params.stop_ids is not None else (stop_ids or set()))
+    backend = _backend(model, prompts, capacity)
+    rows = [Row.start(params, p, capacity, stops, model.cfg.vocab_size, backend.device,
+                      None if should_stop is None else partial(should_stop, b)) for b, p in enumerate(prompts)]
+    if not isinstance(backend, CacheBackend) and params.draft not in (None, "none"):
+        from lmforge.fast.speculative import resolve_draft, speculate
 
-        fast = fast_decoder_for(model)
-        if fast is not None:
-            yield from fast.generate_tokens(prompts[0], params, stop_ids, should_stop)
+        spec = resolve_draft(params.draft, params, backend)
+        if spec is not None:
+            yield from ((0, t) for t in speculate(backend, prompts[0], rows[0], spec))
             return
-    device = model.lm_head.weight.device
-    B = len(prompts)
-    capacity = _check_prompts(model, prompts, params.max_new_tokens)
-    stop_ids = set(params.stop_ids if params.stop_ids is not None else (stop_ids or set()))
-    gen = None
-    if params.seed is not None:
-        gen = torch.Generator(device=device).manual_seed(params.seed)
-    cache = model.new_cache(B, capacity)
-    vocab = model.cfg.vocab_size
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):
-            seen[b, torch.tensor(p, device=device)] = True
-    last = _prefill(model, cache, prompts, device)
-    active = list(range(B))
-    produced = [[] for _ in range(B)]
-    for _ in range(params.max_new_tokens):
-        rows = torch.tensor(active, device=device)
-        step_logits = last
-        if seen is not None:
-            step_logits = apply_repetition_penalty(step_logits, seen[rows], params.repetition_penalty)
-        nxt = sample_next(step_logits, params, gen)
-        still = []
+    gen = torch.Generator(device=backend.device).manual_seed(params.seed) if params.seed is not None else None
+    logits = backend.prefill(prompts)
+    active = list(range(len(prompts)))
+    while True:
+        nxt = sample_next(process_rows([rows[b] for b in active], logits), params, gen)
+        keep = []
         for j, b in enumerate(active):
-            tok = int(nxt[j])
-            if tok in stop_ids:
-                continue
-            produced[b].append(tok)
-            # ask before yielding so a caller's per-token state is current when it sees the token
-            stop_here = should_stop is not None and should_stop(b, produced[b])
-            yield b, tok
-            if seen is not None:
-                seen[b, tok] = True
-            if stop_here:
-                continue
-            if int(cache.lengths[b]) + 1 > capacity:
-                continue
-            still.append((j, b))
-        if not still or len(produced[still[0][1]]) >= params.max_new_tokens:
-            break
-        keep = torch.tensor([j for j, _ in still], device=device)
-        active = [b for _, b in still]
-        tokens = nxt[keep][:, None]
-        logits = model(tokens, cache=cache, rows=torch.tensor(active, device=device))
-        last = logits[:, -1].float()
+            if rows[b].accept(int(nxt[j])):
+                yield b, int(nxt[j])
+            if rows[b].finish is None:
+                keep.append(j)
+        if not keep:
+            return
+        active = [active[j] for j in keep]
+        logits = backend.step(nxt[keep] if len(keep) < len(nxt) else nxt, active)
 
 
 @torch.inference_mode()

@@ -74,13 +74,13 @@ def _count_speculative(monkeypatch) -> list:
     import lmforge.fast.speculative as spec
 
     calls = []
-    real = spec.generate_speculative
+    real = spec.speculate  # the generation loop's speculative step strategy
 
-    def counting(*a, **kw):
-        calls.append(kw.get("draft"))
-        return real(*a, **kw)
+    def counting(target, prompt, row, draft, *a, **kw):
+        calls.append(draft)
+        return real(target, prompt, row, draft, *a, **kw)
 
-    monkeypatch.setattr(spec, "generate_speculative", counting)
+    monkeypatch.setattr(spec, "speculate", counting)
     return calls
 
 

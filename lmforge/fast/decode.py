@@ -14,15 +14,14 @@ large part of a 135M model's step (a few microseconds per dispatched op, ~450+ o
 - Grouped-query attention without repeating K/V (heads grouped in a batched matmul).
 - Only the last position goes through the output head during prefill.
 
-`generate_tokens` has the engine's semantics for one prompt; the engine delegates to it.
+It is a backend of the one generation loop (`lmforge.engine.generate_tokens`: `begin`,
+`prefill`, `step`), which picks it for a single prompt.
 """
 from __future__ import annotations
 
 import math
 import os
 import weakref
-from typing import Callable, Iterator
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -155,6 +154,7 @@ class FastDecoder:
         self.freqs = None  # complex64 [capacity, D/2]
         self.capacity = 0
         self.pos = 0
+        self.graph = None  # the CUDA-graph stepper of the current sequence (`begin`)
 
     # -- state ----------------------------------------------------------------------------
     def draft(self, layer_ids: list[int]) -> "FastDecoder":
@@ -228,63 +228,25 @@ class FastDecoder:
         x = F.rms_norm(x, (x.shape[-1],), self.final_norm, self.eps)
         return self.head(x).float()
 
-    # -- generation -----------------------------------------------------------------------
-    def generate_tokens(
-        self,
-        prompt: list[int],
-        params,
-        stop_ids: set[int] | None = None,
-        should_stop: Callable[[int, list[int]], bool] | None = None,
-    ) -> Iterator[tuple[int, int]]:
-        """The engine's `generate_tokens` for one prompt: yields (0, token_id). `params.draft`
-        (other than none) hands greedy decoding to speculative decoding (the same tokens up to
-        rounding; see lmforge.fast.speculative)."""
-        from lmforge.engine import _check_prompts, apply_repetition_penalty, sample_next
-
-        draft = getattr(params, "draft", "none")
-        if draft is not None and draft != "none":
-            from lmforge.fast.speculative import generate_speculative, resolve_draft
-
-            spec = resolve_draft(draft, params, self)
-            if spec is not None:
-                yield from generate_speculative(self, prompt, params, draft=spec, stop_ids=stop_ids, should_stop=should_stop)
-                return
-        capacity = _check_prompts(_CfgHolder(self.cfg), [prompt], params.max_new_tokens)
-        stop_ids = set(params.stop_ids if params.stop_ids is not None else (stop_ids or set()))
-        gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros(1, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
-            seen[0, torch.tensor(prompt, device=self.device)] = True
-        graph = _graph_backend(self)  # CUDA graphs for the per-token steps (None: eager steps)
-        if graph is None:
+    # -- the engine's backend interface (lmforge.engine.generate_tokens) -------------------
+    def begin(self, capacity: int) -> None:
+        """Start a sequence of at most `capacity` tokens: per-token steps replay CUDA graphs on a
+        GPU (`lmforge.fast.cuda_graph`), else run `forward`."""
+        self.graph = _graph_backend(self)
+        if self.graph is None:
             self.reset(capacity)
         else:
-            graph.begin(capacity)
-        logits = self.forward(torch.tensor(prompt, device=self.device))
-        produced: list[int] = []
-        buf = torch.empty(1, dtype=torch.long, device=self.device)
-        for _ in range(params.max_new_tokens):
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-            tok = int(sample_next(logits, params, gen)[0])
-            if tok in stop_ids:
-                return
-            produced.append(tok)
-            # asked before yielding, as the engine does, so a caller's state is current
-            stop_here = should_stop is not None and should_stop(0, produced)
-            yield 0, tok
-            if seen is not None:
-                seen[0, tok] = True
-            if stop_here:
-                return
-            if self.pos + 1 > capacity or len(produced) >= params.max_new_tokens:
-                return
-            if graph is None:
-                buf[0] = tok
-                logits = self.forward(buf)
-            else:
-                logits = graph.step(tok)
+            self.graph.begin(capacity)
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        (prompt,) = prompts
+        return self.forward(torch.tensor(prompt, device=self.device))
+
+    def step(self, tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The next logits [1, V] after `tokens` [1] (one row: `rows` is [0])."""
+        if self.graph is not None:
+            return self.graph.step(tokens)
+        return self.forward(tokens.reshape(1))
 
 
 # -- CUDA graph backend (lmforge.fast.cuda_graph) -----------------------------------------
@@ -296,11 +258,6 @@ def _graph_backend(fast: FastDecoder):
     from lmforge.fast import cuda_graph
 
     return cuda_graph.graph_decoder_for(fast) if cuda_graph.wanted(fast) else None
-
-
-class _CfgHolder:
-    def __init__(self, cfg):
-        self.cfg = cfg
 
 
 # Decoders are cached per model (weakly: the cache never keeps a model alive) and rebuilt when a

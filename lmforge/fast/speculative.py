@@ -11,10 +11,12 @@ Drafters:
   step with the accepted text: a smaller model with the same vocabulary (`draft_model`), or
   the target itself with layers skipped (`self_draft`, no extra weights).
 
-`generate_speculative` yields tokens like the engine and fills a `SpecStats`.
+`speculate` is a step strategy of the one generation loop (`lmforge.engine.generate_tokens`),
+taking tokens through the loop's `lmforge.sampling.Row`; `generate_speculative` runs it alone
+(benchmarks, tests) and fills a `SpecStats`.
 
-Users reach it through `SamplingParams.draft` (`--draft` on chat/generate): the fast decoder
-calls `resolve_draft` for one sequence. "auto" drafts by prompt lookup (3-token matches, see
+Users reach it through `SamplingParams.draft` (`--draft` on chat/generate): the engine calls
+`resolve_draft` for one sequence on the fast decoder. "auto" drafts by prompt lookup (3-token matches, see
 `auto_drafter`) when decoding is greedy and decodes plainly when sampling.
 
 Same output: exact up to float rounding with full-precision weights. With int8/int4 weights
@@ -249,39 +251,47 @@ def generate_speculative(
     should_stop: Callable[[int, list[int]], bool] | None = None,
     stats: SpecStats | None = None,
 ) -> Iterator[tuple[int, int]]:
-    """Greedy speculative decoding of one prompt; yields (0, token) like the engine."""
-    from lmforge.engine import _check_prompts
+    """Greedy speculative decoding of one prompt, outside the engine (benchmarks, tests); yields
+    (0, token) like the engine, which reaches `speculate` itself through `params.draft`."""
+    from lmforge.sampling import Row, context_capacity
 
     target = model_or_decoder if isinstance(model_or_decoder, FastDecoder) else fast_decoder_for(model_or_decoder)
     if target is None:
         raise LmforgeError("speculative decoding needs the fast decoder (dense model, no hooks/adapters, LMFORGE_FAST not 0)")
+    capacity = context_capacity(target.cfg.max_seq_len, [len(prompt)], params.max_new_tokens)
+    stops = set(params.stop_ids if params.stop_ids is not None else (stop_ids or set()))
+    row = Row.start(params, prompt, capacity, stops, target.cfg.vocab_size, target.device,
+                    None if should_stop is None else (lambda ids: should_stop(0, ids)))
+    for tok in speculate(target, prompt, row, draft, k, stats):
+        yield 0, tok
+
+
+def speculate(target: FastDecoder, prompt: list[int], row, draft, k: int = 4,
+              stats: SpecStats | None = None) -> Iterator[int]:
+    """The speculative step strategy of the generation loop: yields `row`'s tokens (each taken
+    with `row.accept`, which decides when the row ends) until `row.finish` is set."""
+    params = row.params
     if params.temperature > 0 or params.repetition_penalty != 1.0:
         raise LmforgeError("speculative decoding is exact only for greedy decoding (temperature 0, no repetition penalty)")
     stats = stats if stats is not None else SpecStats()
     drafter = make_drafter(target, draft)
-    capacity = _check_prompts(_Cfg(target.cfg), [prompt], params.max_new_tokens)
-    stop_ids = set(params.stop_ids if params.stop_ids is not None else (stop_ids or set()))
-    target.reset(capacity)
-    drafter.start(prompt, capacity)
+    target.reset(row.capacity)
+    drafter.start(prompt, row.capacity)
     ctx = list(prompt)
     dev = target.device
     nxt = int(target.forward(torch.tensor(prompt, device=dev))[-1].argmax())
     stats.target_calls += 1
-    produced: list[int] = []
     while True:
         # `nxt` is the target's greedy token at the end of ctx: emit it
-        if nxt in stop_ids:
+        if not row.accept(nxt):
             return
-        produced.append(nxt)
         ctx.append(nxt)
         stats.tokens += 1
-        stop_here = should_stop is not None and should_stop(0, produced)
-        yield 0, nxt
-        left = params.max_new_tokens - len(produced)
-        if stop_here or left <= 0 or len(ctx) > capacity:
+        yield nxt
+        if row.finish is not None:
             return
         # the target's cache holds ctx[:-1]; propose at most what the budget and cache allow
-        room = min(k, left - 1, capacity - len(ctx))
+        room = min(k, params.max_new_tokens - len(row.produced) - 1, row.capacity - len(ctx))
         proposal = drafter.propose(ctx, room) if room > 0 else []
         base = target.pos
         logits = target.forward(torch.tensor([nxt] + proposal, device=dev), all_logits=True)
@@ -294,19 +304,12 @@ def generate_speculative(
         stats.accepted += n_ok
         target.rollback(base + 1 + n_ok)
         for t in proposal[:n_ok]:
-            if t in stop_ids:
+            if not row.accept(t):
                 return
-            produced.append(t)
             ctx.append(t)
             stats.tokens += 1
-            stop_here = should_stop is not None and should_stop(0, produced)
-            yield 0, t
-            if stop_here or len(produced) >= params.max_new_tokens:
+            yield t
+            if row.finish is not None:
                 return
         drafter.accept(len(ctx))
         nxt = pred[n_ok]
-
-
-class _Cfg:
-    def __init__(self, cfg):
-        self.cfg = cfg
