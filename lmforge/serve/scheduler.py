@@ -21,11 +21,13 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from lmforge.engine import SamplingParams, TextStream, apply_repetition_penalty, sample_next
+from lmforge.engine import TextStream
+from lmforge.sampling import Row, SamplingParams, sample_next
 from lmforge.serve import json_mode
 
 log = logging.getLogger("lmforge.serve")
@@ -127,13 +129,16 @@ class _Seq:
     slot: int
     stream: TextStream
     gen: torch.Generator
-    counts: dict[int, int] = field(default_factory=dict)  # token -> times generated (penalties)
-    seen: torch.Tensor | None = None  # bool [V] for the repetition penalty (prompt + output)
+    row: Row  # the logits chain and the end-of-row rule every decode loop shares (lmforge.sampling)
     prefilled: int = 0
     pending: int | None = None  # sampled token not yet fed to the model
-    generated: int = 0
+    piece: str = ""  # text the last token released (stop strings held back)
     json_state: tuple | None = None
     done: bool = False
+
+    @property
+    def generated(self) -> int:
+        return len(self.row.produced)
 
 
 @dataclass
@@ -276,10 +281,11 @@ class Scheduler:
             for i, slot in enumerate(slots):
                 seed = (req.params.seed + i) % (1 << 63) if req.params.seed is not None else random.getrandbits(62)
                 gen = torch.Generator(device=self.device).manual_seed(seed)
-                s = _Seq(h, i, slot, TextStream(self.tokenizer, req.params.stop), gen)
-                if req.params.repetition_penalty != 1.0:
-                    s.seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
-                    s.seen[torch.tensor(req.prompt, device=self.device)] = True
+                row = Row.start(req.params, req.prompt, self.ctx, self.stop_ids, self.vocab, self.device,
+                                banned=sorted(self.stop_ids) if req.ignore_eos else [], logit_bias=req.logit_bias,
+                                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
+                s = _Seq(h, i, slot, TextStream(self.tokenizer, req.params.stop), gen, row)
+                row.should_stop = partial(self._released, s)
                 if req.json_mode:
                     s.json_state = json_mode.advance(json_mode.initial_state(), req.json_prefix.encode())
                 group.append(s)
@@ -358,50 +364,33 @@ class Scheduler:
 
     def _sample(self, s: _Seq, logits: torch.Tensor) -> None:
         req = s.handle.req
-        p = req.params
         if s.handle.cancelled:
             self._finish(s, "cancelled")
             return
-        raw = logits
-        logits = logits[None]
-        if req.logit_bias:
-            logits = logits.clone()
-            ids = torch.tensor(list(req.logit_bias), device=self.device)
-            logits[0, ids] += torch.tensor(list(req.logit_bias.values()), device=self.device, dtype=logits.dtype)
-        if s.seen is not None:
-            logits = apply_repetition_penalty(logits, s.seen[None], p.repetition_penalty)
-        if s.counts and (req.presence_penalty or req.frequency_penalty):
-            ids = torch.tensor(list(s.counts), device=self.device)
-            c = torch.tensor(list(s.counts.values()), device=self.device, dtype=logits.dtype)
-            logits = logits.clone()
-            logits[0, ids] -= req.presence_penalty + req.frequency_penalty * c
-        if req.ignore_eos:
-            logits = logits.clone()
-            logits[0, list(self.stop_ids)] = float("-inf")
+        shaped = s.row.process(logits)[None]
         if req.json_mode:
-            tok, s.json_state = self._sample_json(s, logits, p)
+            tok, s.json_state = self._sample_json(s, shaped, req.params)
             if tok is None:  # nothing can continue the JSON: end it rather than emit garbage
                 self._finish(s, "stop")
                 return
         else:
-            tok = int(sample_next(logits, p, s.gen)[0])
-        if tok in self.stop_ids:
+            tok = int(sample_next(shaped, req.params, s.gen)[0])
+        if not s.row.accept(tok):
             self._finish(s, "stop")
             return
-        s.generated += 1
         self.stats.tokens += 1
-        s.counts[tok] = s.counts.get(tok, 0) + 1
-        if s.seen is not None:
-            s.seen[tok] = True
-        lp = self._logprob(raw, tok, req.logprobs) if req.logprobs is not None else None
-        piece = s.stream.push(tok)
-        s.handle.push(Event(s.index, text=piece, token=tok, logprob=lp))
-        if s.stream.stopped or (req.json_mode and json_mode.is_complete(s.json_state)):
-            self._finish(s, "stop")
-        elif s.generated >= p.max_new_tokens or int(self.cache.lengths[s.slot]) + 1 > self.ctx:
-            self._finish(s, "length")
+        lp = self._logprob(logits, tok, req.logprobs) if req.logprobs is not None else None
+        s.handle.push(Event(s.index, text=s.piece, token=tok, logprob=lp))
+        if s.row.finish is not None:
+            self._finish(s, s.row.finish)
         else:
             s.pending = tok
+
+    def _released(self, s: _Seq, produced: list[int]) -> bool:
+        """The row's `should_stop`: detokenize the new token; a stop string or a complete JSON
+        object ends the choice."""
+        s.piece = s.stream.push(produced[-1])
+        return s.stream.stopped or (s.handle.req.json_mode and json_mode.is_complete(s.json_state))
 
     def _sample_json(self, s: _Seq, logits: torch.Tensor, p: SamplingParams):
         """A token keeping the output a JSON-object prefix, or (None, state) if none can.
