@@ -35,8 +35,8 @@ from lmforge import __version__
 from lmforge.engine import SamplingParams, recommended_sampling
 from lmforge.errors import LmforgeError
 from lmforge.serve.json_mode import key_constraint as json_mode_keys
-from lmforge.serve.schemas import (AUTH_ERRORS, GENERATION_ERRORS, APIError, ChatCompletionRequest, CompletionRequest,
-                                   error_body)
+from lmforge.serve.schemas import (AUTH_ERRORS, GENERATION_ERRORS, MODEL_ERRORS, APIError, ChatCompletionRequest,
+                                   CompletionRequest, error_body)
 from lmforge.serve.scheduler import GenRequest, QueueFull, Scheduler
 
 log = logging.getLogger("lmforge.serve")
@@ -186,7 +186,9 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(error_body(str(exc.detail), param=None, code=code), status_code=exc.status_code)
+        # (a 405 carries the route's `Allow` header, which RFC 9110 requires)
+        return JSONResponse(error_body(str(exc.detail), param=None, code=code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _crash(request, exc: Exception):
@@ -222,7 +224,7 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
     async def list_models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(check_key)], responses=AUTH_ERRORS)
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(check_key)], responses=MODEL_ERRORS)
     async def get_model(name: str):
         check_model(name)
         return model_card()

@@ -8,9 +8,9 @@ lmforge's own `system2: {"mode": "vote" | "best_of_n", "n": N}` (sample N, answe
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from lmforge.tokenizer import unicode_problem
@@ -25,11 +25,39 @@ MAX_TOOLS = 64
 MAX_TOP_LOGPROBS = 20  # as OpenAI
 MAX_LOGIT_BIAS = 300  # as OpenAI
 MAX_PROMPTS = 32
-SEED_MAX = 2**63 - 1
+
+# Limits go into the types rather than validators, so that the OpenAPI document states them: a
+# client (or schemathesis) reading it learns which bodies the server takes.
+
+
+def _whole(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _int(ge: int | None = None, le: int | None = None):
+    """An integer as JSON Schema has it: 2.0 (a number with no fraction) is one, which strict
+    pydantic would refuse. (The bounds go before the validator, or pydantic writes them into the
+    OpenAPI document as "ge"/"le", which JSON Schema does not know.)"""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_whole)]
+
+
+def _text(limit: int):
+    return Annotated[str, Field(max_length=limit)]
+
+
+def _list(item, *, min_length: int = 0, max_length: int):
+    return Annotated[list[item], Field(min_length=min_length, max_length=max_length)]
+
+
+TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,12}$")]  # (logit_bias keys; str.isdigit would take "²")
+LogitBias = Annotated[dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]],
+                      Field(max_length=MAX_LOGIT_BIAS, json_schema_extra={"additionalProperties": False})]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a field takes the JSON type the OpenAPI document gives it, as OpenAI's API does
+    # (lax pydantic would also take "stream": 0, "n": "2" or "echo": "yes")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 def _param(path) -> str | None:
@@ -101,19 +129,10 @@ class ContentPart(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[ContentPart], None] = Field(default=None)
+    content: Union[_text(MAX_TEXT), _list(ContentPart, max_length=256), None] = None
     name: str | None = Field(default=None, max_length=256)
     tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_call_id: str | None = Field(default=None, max_length=256)
-
-    @field_validator("content")
-    @classmethod
-    def _size(cls, v):
-        if isinstance(v, str) and len(v) > MAX_TEXT:
-            raise ValueError(f"content longer than {MAX_TEXT} characters")
-        if isinstance(v, list) and len(v) > 256:
-            raise ValueError("more than 256 content parts")
-        return v
 
 
 class NamedFunction(_Body):
@@ -140,24 +159,27 @@ class System2(_Body):
 
     model_config = ConfigDict(extra="forbid")
     mode: Literal["vote", "best_of_n", "best-of-n"]
-    n: int = Field(default=8, ge=1, le=MAX_N)
+    n: _int(1, MAX_N) = 8
 
 
 class _Sampling(_Body):
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0, le=1_000_000)
+    top_k: _int(0, 1_000_000) | None = None
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    n: _int(1, MAX_N) = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Union[str, list[str], None] = None
-    seed: int | None = Field(default=None, ge=-SEED_MAX - 1, le=SEED_MAX)
+    stop: Union[_text(MAX_STOP_LEN), _list(_text(MAX_STOP_LEN), max_length=MAX_STOP), None] = None
+    # any integer (the sampler takes it modulo 2**62): a bound at 2**63 - 1 is not even exact in the
+    # doubles many JSON clients hold numbers in, so a client's own int64 could land beyond it
+    seed: _int() | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
-    logit_bias: dict[str, float] | None = None
+    # (above 0 is not enough: dividing a logit by 1e-40 is inf in float32, and sampling fails)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10.0)
+    logit_bias: LogitBias | None = None
     ignore_eos: bool = False
     user: str | None = Field(default=None, max_length=256)
     system2: System2 | None = None
@@ -173,34 +195,15 @@ class _Sampling(_Body):
     def _stop(cls, v):
         if v is None:
             return []
-        v = [v] if isinstance(v, str) else v
-        if len(v) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        if any(len(s) > MAX_STOP_LEN for s in v):
-            raise ValueError(f"stop sequences are at most {MAX_STOP_LEN} characters")
-        return [s for s in v if s]
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias(cls, v):
-        if v is None:
-            return v
-        if len(v) > MAX_LOGIT_BIAS:
-            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries")
-        for k, b in v.items():
-            if not k.strip().isdigit() or len(k) > 12:
-                raise ValueError(f"logit_bias keys are token ids; got {k[:20]!r}")
-            if not -100.0 <= b <= 100.0:
-                raise ValueError("logit_bias values must be between -100 and 100")
-        return v
+        return [s for s in ([v] if isinstance(v, str) else v) if s]
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
+    max_tokens: _int(1, 10_000_000) | None = None
+    max_completion_tokens: _int(1, 10_000_000) | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: _int(0, MAX_TOP_LOGPROBS) | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
@@ -208,26 +211,14 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = Field(default=16, ge=1, le=10_000_000)  # OpenAI's default for completions
-    logprobs: int | None = Field(default=None, ge=0, le=5)  # as OpenAI's legacy endpoint
+    prompt: Union[_text(MAX_TEXT), _list(_text(MAX_TEXT), min_length=1, max_length=MAX_PROMPTS),
+                  _list(_int(), min_length=1, max_length=MAX_TEXT),
+                  _list(_list(_int(), min_length=1, max_length=MAX_TEXT), min_length=1, max_length=MAX_PROMPTS)]
+    max_tokens: _int(1, 10_000_000) | None = 16  # OpenAI's default for completions
+    logprobs: _int(0, 5) | None = None  # as OpenAI's legacy endpoint
     echo: bool = False
     suffix: str | None = Field(default=None, max_length=MAX_TEXT)
-    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v):
-        if isinstance(v, list):
-            if len(v) == 0:
-                raise ValueError("prompt must not be empty")
-            if len(v) > (MAX_TEXT if isinstance(v[0], int) else MAX_PROMPTS):
-                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
-            if isinstance(v[0], list) and any(len(p) > MAX_TEXT for p in v):
-                raise ValueError("token prompt too long")
-        elif len(v) > MAX_TEXT:
-            raise ValueError(f"prompt longer than {MAX_TEXT} characters")
-        return v
+    best_of: _int(1, MAX_N) | None = None
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -262,7 +253,14 @@ def _error(description: str) -> dict:
 
 # What each kind of route can answer besides 200, for the OpenAPI document.
 AUTH_ERRORS = {401: _error("missing or wrong API key (when the server has one)")}
+MODEL_ERRORS = {**AUTH_ERRORS, 404: _error("a name the route cannot hold (one with a line break)")}
 GENERATION_ERRORS = {
+    # FastAPI adds application/json to this 200. Before OpenAPI 3.2 (itemSchema), the schema of an
+    # event stream describes one event.
+    200: {"description": "the completion as JSON, or with \"stream\": true its chunks as server-sent events "
+                         "(each event's data one chunk as JSON, the last event's `[DONE]`)",
+          "content": {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                                                       "properties": {"data": {"type": "string"}}}}}},
     400: _error("invalid request: a bad field (named in error.param), a prompt over the context, text that is not valid Unicode"),
     **AUTH_ERRORS,
     413: _error("request body over the server's size limit"),
