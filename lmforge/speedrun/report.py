@@ -30,7 +30,12 @@ def _save(fig, ax, path: Path) -> Path:
 
 
 def _series(records: list[dict], key: str, x: str = "tokens") -> tuple[list, list]:
-    pts = [(r[x], r[key]) for r in records if isinstance(r.get(key), (int, float)) and isinstance(r.get(x), (int, float))]
+    """(x, y) of `key`; an eval logged on a step of its own has no token count, so it takes the
+    count the step implies (the run's tokens per step are constant)."""
+    per_step = next((r["tokens"] / r["step"] for r in records if r.get("tokens") and r.get("step")), 0)
+    pts = [(r.get(x, r["step"] * per_step if x == "tokens" else None), r[key]) for r in records
+           if isinstance(r.get(key), (int, float))]
+    pts = [p for p in pts if isinstance(p[0], (int, float))]
     return [p[0] / 1e6 if x == "tokens" else p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -126,8 +131,9 @@ def write_report(out: Path, state: dict) -> Path:
          f"| pretraining: held-out English bits per byte (final model) | {_fmt(pm['heldout_bpb'])} |",
          f"| pretraining: final train loss (nats/token) | {_fmt(st['pretrain']['loss'])} |",
          f"| SFT: final train loss (nats/token) | {_fmt(st['sft']['loss'])} |", "",
-         "## Stages", "", "| stage | minutes | what it made |", "|---|---|---|"]
-    L += [f"| {name} | {r.get('seconds', 0) / 60:.1f} | {_stage_what(name, r)} |" for name, r in st.items()]
+         "## Stages", "", "| stage | minutes | load avg (1 min) at its end | what it made |", "|---|---|---|---|"]
+    L += [f"| {name} | {r.get('seconds', 0) / 60:.1f} | {r.get('load_avg_end', 'n/a')} | {_stage_what(name, r)} |"
+          for name, r in st.items()]
     L += ["", *[f"![{p.stem}]({p.name})" for p in plots], "", "## Sample chats (greedy)", ""]
     for s in ev["samples"]:
         L += _chat_md(s["messages"], s.get("reply"))

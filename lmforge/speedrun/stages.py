@@ -100,6 +100,10 @@ def stage_plan(ctx: Context) -> dict:
     return plan.to_dict()
 
 
+# Held-out English measured during pretraining and after it: the same text (whole files in
+# sorted order: Moby-Dick's last chapters, then the held-out SOTU speeches).
+HELDOUT_BYTES = 400_000
+
 # The trainers decay their learning rate on the clock and stop at their share of the budget (a
 # shared machine's speed changes under a run); the measured step count sizes warmup, evals and
 # checkpoints, and CAP times it bounds the steps should the machine get much faster.
@@ -121,7 +125,7 @@ def stage_pretrain(ctx: Context) -> dict:
     cfg = PretrainConfig(
         model=ModelDials(depth=p.depth, aspect_ratio=p.d_model // p.depth, head_dim=p.head_dim),
         data=DataConfig(dir=ctx.done("prepare")["path"], batch_size=p.batch_size, seq_len=p.seq_len,
-                        eval_tokens=16384, heldout=ctx.done("fetch")["heldout"], heldout_max_bytes=120_000),
+                        eval_tokens=16384, heldout=ctx.done("fetch")["heldout"], heldout_max_bytes=HELDOUT_BYTES),
         train=TrainConfig(lr=2e-3, warmup_steps=min(50, n // 10), max_steps=CAP * n, schedule="cosine", min_lr_ratio=0.1,
                           weight_decay=0.1, grad_clip=1.0, dtype=p.train_dtype, device=p.device,
                           log_every=max(1, n // 200), eval_every=max(1, n // 4), save_every=max(1, n // 10),
@@ -165,7 +169,7 @@ def _used_calculator(conv: list[dict], result: int) -> bool:
     return any(m.get("role") == "tool" and str(m.get("content")).strip() == str(result) for m in conv)
 
 
-def heldout_bpb(model_path: str, heldout: str, plan: Plan, max_bytes: int = 400_000) -> float:
+def heldout_bpb(model_path: str, heldout: str, plan: Plan, max_bytes: int = 0) -> float:
     """Bits per byte of the pretrained model on held-out English (its trainer stopped on the
     clock, which skips the final eval)."""
     import math
@@ -176,7 +180,7 @@ def heldout_bpb(model_path: str, heldout: str, plan: Plan, max_bytes: int = 400_
     from lmforge.train.pretrain import read_heldout, stream_loss
 
     model, tok = load_model(model_path, dtype="fp32", device=plan.device)
-    ids, nbytes, _ = read_heldout(heldout, tok, tok.eos_id if tok.eos_id is not None else 0, max_bytes)
+    ids, nbytes, _ = read_heldout(heldout, tok, tok.eos_id if tok.eos_id is not None else 0, max_bytes or HELDOUT_BYTES)
     with torch.autocast(torch.device(plan.device).type, dtype=torch.bfloat16, enabled=plan.train_dtype == "bf16"):
         nats, count = stream_loss(model.eval(), ids, plan.seq_len, plan.batch_size)
     return nats / count * len(ids) / (nbytes * math.log(2))
@@ -262,6 +266,8 @@ def run_speedrun(cfg: SpeedrunConfig) -> dict:
         t0 = time.time()
         result = fn(ctx)
         result["seconds"] = round(time.time() - t0, 1)
+        # a busy machine explains slow stages: keep the load beside each one
+        result["load_avg_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
         ctx.state["stages"][name] = result
         _save_state(out, ctx.state)
     return ctx.state
