@@ -39,7 +39,7 @@ def _series(records: list[dict], key: str, x: str = "tokens") -> tuple[list, lis
     return [p[0] / 1e6 if x == "tokens" else p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_losses(pre: list[dict], sft: list[dict], out: Path) -> list[Path]:
+def plot_losses(pre: list[dict], sft: list[dict], out: Path, final_bpb: float | None = None) -> list[Path]:
     paths = []
     fig, ax = _figure()
     for key, label in (("loss", "train loss"), ("val_loss", "validation loss")):
@@ -53,6 +53,9 @@ def plot_losses(pre: list[dict], sft: list[dict], out: Path) -> list[Path]:
         xs, ys = _series(pre, key)
         if xs:
             ax.plot(xs, ys, label=label, marker="o", markersize=3, linewidth=1)
+    end = _series(pre, "loss")[0]
+    if final_bpb is not None and end:
+        ax.plot([end[-1]], [final_bpb], marker="*", markersize=10, linestyle="none", label="held-out English, final model")
     ax.set(xlabel="tokens seen (millions)", ylabel="bits per byte (lower is better)", title="Pretraining: bits per byte of text")
     paths.append(_save(fig, ax, out / "pretrain_bpb.png"))
     fig, ax = _figure()
@@ -113,13 +116,13 @@ def write_report(out: Path, state: dict) -> Path:
     st = state["stages"]
     pre = read_metrics(out / "pretrain" / "metrics.jsonl")
     sft = read_metrics(out / "sft" / "metrics.jsonl")
-    plots = plot_losses(pre, sft, out) + [plot_stages(st, out)]
+    plots = plot_losses(pre, sft, out, st["eval"].get("heldout_bpb")) + [plot_stages(st, out)]
     plan, ev = st["plan"], st["eval"]
     pm = {"val_bpb": _last(pre, "val_bpb"), "heldout_bpb": ev.get("heldout_bpb", _last(pre, "heldout_bpb"))}
-    total = time.time() - state["started"]
+    total = sum(r.get("seconds", 0) for r in st.values())  # resumed runs: the stages' own time
     loads = [f"{x:.2f}" for x in state.get("load_avg", []) if x is not None]
     L = [f"# Speedrun report card ({state['config']['budget']} budget)", "",
-         f"- finished {time.strftime('%Y-%m-%d %H:%M')}, {total / 60:.1f} min of wall-clock time in all",
+         f"- written {time.strftime('%Y-%m-%d %H:%M')}; the stages took {total / 60:.1f} min of wall-clock time in all",
          f"- machine: {machine()}; device {plan['device']}, training in {plan['train_dtype']}",
          f"- load average (1 min) at each start: {', '.join(loads) or 'n/a'} (the machine may be shared)",
          f"- model: {plan['depth']} layers, d_model {plan['d_model']}, context {plan['seq_len']}, "
