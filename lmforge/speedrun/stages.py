@@ -108,6 +108,7 @@ HELDOUT_BYTES = 400_000
 # shared machine's speed changes under a run); the measured step count sizes warmup, evals and
 # checkpoints, and CAP times it bounds the steps should the machine get much faster.
 CAP = 2
+SFT_CAP = 20
 
 
 def _plan(ctx: Context) -> Plan:
@@ -148,12 +149,14 @@ def stage_sft(ctx: Context) -> dict:
     p = _plan(ctx)
     n = p.sft_steps
     data = ctx.out / "sft_data" / "train.jsonl"
-    records = chat_data.sft_records(CAP * n * p.batch_size, seed=ctx.cfg.seed, heldout=chat_data.heldout_sums(ctx.cfg.eval_questions))
+    # a step-time measurement taken while something else ran can be several times too slow, so
+    # SFT (whose batches reshuffle every epoch) is capped far above its plan: the clock ends it
+    records = chat_data.sft_records(min(CAP * n * p.batch_size, 40_000), seed=ctx.cfg.seed, heldout=chat_data.heldout_sums(ctx.cfg.eval_questions))
     write_jsonl(records, data)
     cfg = SFTConfig(model=ctx.done("pretrain")["path"], data=str(data), out=str(ctx.out / "sft"), method="full",
                     dtype="fp32", max_seq_len=p.seq_len, batch_size=p.batch_size, seed=ctx.cfg.seed,
                     threads=ctx.cfg.threads, sample_prompt=chat_data.IDENTITY_HELDOUT[0],
-                    train=SFTTrainConfig(lr=1e-3, warmup_steps=min(20, n // 10), max_steps=CAP * n, schedule="cosine",
+                    train=SFTTrainConfig(lr=1e-3, warmup_steps=min(20, n // 10), max_steps=SFT_CAP * n, schedule="cosine",
                                          min_lr_ratio=0.1, dtype=p.train_dtype, device=p.device,
                                          log_every=max(1, n // 200), eval_every=0, save_every=max(1, n // 5),
                                          keep_last=1, time_limit_s=p.sft_s, schedule_clock="time"))
