@@ -16,14 +16,13 @@ be the start of a stop string, so a stop string never leaks into the output.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Iterator
 
 import torch
 
-from lmforge.sampling import (RECOMMENDED_SAMPLING, SAMPLING_KEYS, Row, SamplingParams,  # noqa: F401  (re-exported: the generation API)
-                              apply_repetition_penalty, context_capacity, process_rows, recommended_sampling,
-                              sample_next, with_recommended)
+from lmforge.sampling import (RECOMMENDED_SAMPLING, SAMPLING_KEYS, SamplingParams,  # noqa: F401  (re-exported: the generation API)
+                              apply_repetition_penalty, process_rows, recommended_sampling,
+                              sample_next, start_rows, with_recommended)
 
 
 def _prefill(model, cache, prompts: list[list[int]], device) -> torch.Tensor:
@@ -85,11 +84,8 @@ def generate_tokens(
 ) -> Iterator[tuple[int, int]]:
     """Yield (row, token_id) as tokens are produced; a row ends on a stop id, `should_stop(row,
     produced)`, the token budget, or the context limit."""
-    capacity = context_capacity(model.cfg.max_seq_len, [len(p) for p in prompts], params.max_new_tokens)
-    stops = set(params.stop_ids if params.stop_ids is not None else (stop_ids or set()))
-    backend = _backend(model, prompts, capacity)
-    rows = [Row.start(params, p, capacity, stops, model.cfg.vocab_size, backend.device,
-                      None if should_stop is None else partial(should_stop, b)) for b, p in enumerate(prompts)]
+    rows = start_rows(params, prompts, model.cfg, model.lm_head.weight.device, stop_ids, should_stop)
+    backend = _backend(model, prompts, rows[0].capacity)
     if not isinstance(backend, CacheBackend) and params.draft not in (None, "none"):
         from lmforge.fast.speculative import resolve_draft, speculate
 
@@ -104,8 +100,9 @@ def generate_tokens(
         nxt = sample_next(process_rows([rows[b] for b in active], logits), params, gen)
         keep = []
         for j, b in enumerate(active):
-            if rows[b].accept(int(nxt[j])):
-                yield b, int(nxt[j])
+            tok = int(nxt[j])
+            if rows[b].accept(tok):
+                yield b, tok
             if rows[b].finish is None:
                 keep.append(j)
         if not keep:

@@ -11,6 +11,7 @@ budget or the context. Loops only move tokens through a model; these rules live 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -169,3 +170,13 @@ def process_rows(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
     if not any(r.shapes_logits for r in rows):
         return logits
     return torch.stack([r.process(lg) if r.shapes_logits else lg for r, lg in zip(rows, logits)])
+
+
+def start_rows(params: SamplingParams, prompts: list[list[int]], model_cfg, device, stop_ids=None,
+               should_stop: Callable[[int, list[int]], bool] | None = None) -> list[Row]:
+    """A `Row` per prompt, sharing one cache capacity; `params.stop_ids` over the caller's
+    `stop_ids` (a tokenizer's), and `should_stop(row, produced)` bound to each row."""
+    capacity = context_capacity(model_cfg.max_seq_len, [len(p) for p in prompts], params.max_new_tokens)
+    stops = set(params.stop_ids if params.stop_ids is not None else (stop_ids or set()))
+    return [Row.start(params, p, capacity, stops, model_cfg.vocab_size, device,
+                      None if should_stop is None else partial(should_stop, b)) for b, p in enumerate(prompts)]

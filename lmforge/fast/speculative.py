@@ -253,15 +253,12 @@ def generate_speculative(
 ) -> Iterator[tuple[int, int]]:
     """Greedy speculative decoding of one prompt, outside the engine (benchmarks, tests); yields
     (0, token) like the engine, which reaches `speculate` itself through `params.draft`."""
-    from lmforge.sampling import Row, context_capacity
+    from lmforge.sampling import start_rows
 
     target = model_or_decoder if isinstance(model_or_decoder, FastDecoder) else fast_decoder_for(model_or_decoder)
     if target is None:
         raise LmforgeError("speculative decoding needs the fast decoder (dense model, no hooks/adapters, LMFORGE_FAST not 0)")
-    capacity = context_capacity(target.cfg.max_seq_len, [len(prompt)], params.max_new_tokens)
-    stops = set(params.stop_ids if params.stop_ids is not None else (stop_ids or set()))
-    row = Row.start(params, prompt, capacity, stops, target.cfg.vocab_size, target.device,
-                    None if should_stop is None else (lambda ids: should_stop(0, ids)))
+    (row,) = start_rows(params, [prompt], target.cfg, target.device, stop_ids, should_stop)
     for tok in speculate(target, prompt, row, draft, k, stats):
         yield 0, tok
 

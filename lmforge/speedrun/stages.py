@@ -175,18 +175,15 @@ def _used_calculator(conv: list[dict], result: int) -> bool:
 def heldout_bpb(model_path: str, heldout: str, plan: Plan, max_bytes: int = 0) -> float:
     """Bits per byte of the pretrained model on held-out English (its trainer stopped on the
     clock, which skips the final eval)."""
-    import math
-
     import torch
 
     from lmforge.loading import load_model
-    from lmforge.train.pretrain import read_heldout, stream_loss
+    from lmforge.train.pretrain import heldout_bits_per_byte, read_heldout
 
     model, tok = load_model(model_path, dtype="fp32", device=plan.device)
     ids, nbytes, _ = read_heldout(heldout, tok, tok.eos_id if tok.eos_id is not None else 0, max_bytes or HELDOUT_BYTES)
     with torch.autocast(torch.device(plan.device).type, dtype=torch.bfloat16, enabled=plan.train_dtype == "bf16"):
-        nats, count = stream_loss(model.eval(), ids, plan.seq_len, plan.batch_size)
-    return nats / count * len(ids) / (nbytes * math.log(2))
+        return heldout_bits_per_byte(model.eval(), ids, nbytes, plan.seq_len, plan.batch_size)[1]
 
 
 def stage_eval(ctx: Context) -> dict:
@@ -196,8 +193,9 @@ def stage_eval(ctx: Context) -> dict:
     from lmforge.tools import get_tools
     from lmforge.tools.teach import answer_is_correct, tool_loops_batched
 
-    bpb = heldout_bpb(ctx.done("pretrain")["path"], ctx.done("fetch")["heldout"], _plan(ctx))
-    lm = lmforge.load(ctx.done("sft")["path"], device=_plan(ctx).device)
+    plan = _plan(ctx)
+    bpb = heldout_bpb(ctx.done("pretrain")["path"], ctx.done("fetch")["heldout"], plan)
+    lm = lmforge.load(ctx.done("sft")["path"], device=plan.device)
     identity = []
     for q in chat_data.IDENTITY_HELDOUT:
         reply = lm.chat(q, max_new_tokens=48, temperature=0)

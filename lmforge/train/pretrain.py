@@ -235,6 +235,12 @@ def stream_loss(model, tokens: torch.Tensor, seq_len: int, batch_size: int) -> t
     return total, count
 
 
+def heldout_bits_per_byte(model, tokens: torch.Tensor, nbytes: int, seq_len: int, batch_size: int) -> tuple[float, float]:
+    """(loss in nats per token, bits per byte) of held-out text from `read_heldout`."""
+    s, c = stream_loss(model, tokens, seq_len, batch_size)
+    return s / c, s / c * len(tokens) / (nbytes * math.log(2))
+
+
 # -- the run ----------------------------------------------------------------------------------
 def _print(msg: str) -> None:
     if dist_info().is_main:
@@ -318,9 +324,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
             # bits per byte with the val split's own tokens-per-byte ratio (the prefix is a sample of it)
             out["val_bpb"] = data.bits_per_byte(s / c, "val")
         if heldout is not None:
-            s, c = stream_loss(m, heldout[0], T, eval_bs)
-            out["heldout_loss"] = s / c
-            out["heldout_bpb"] = s / c * len(heldout[0]) / (heldout[1] * math.log(2))
+            out["heldout_loss"], out["heldout_bpb"] = heldout_bits_per_byte(m, heldout[0], heldout[1], T, eval_bs)
         return out
 
     def sample_fn(m):
