@@ -4,7 +4,7 @@
     lmforge speedrun --budget 10m --out runs/quick
 
 The budget sizes everything: the model (bigger on a GPU), and the steps of each training stage,
-from a few timed steps on this machine (pretraining gets ~55 % of the time, SFT ~28 %). The
+from a few timed steps on this machine (pretraining gets ~60 % of the time, SFT ~22 %). The
 model learns English prose (public-domain books fetched once), then who it is and how to do
 arithmetic with the calculator tool. Rerunning with the same --out resumes where it stopped.
 Chat with the result: `lmforge chat --model OUT/sft --tools calculator`.
