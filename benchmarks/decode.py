@@ -5,11 +5,13 @@ llama.cpp when a build of llama-cpp-python is at hand), same machine, same run, 
                                 [--repeat 3] [--cases all|quick|NAME,NAME] [--llama-python PATH]
 
 Cases (each in its own process, so peak memory is its own):
-- lmforge  {fp32, bf16, fp16, int8, int4} x {plain, fast, spec-ngram, spec-self}
+- lmforge  {fp32, bf16, fp16, int8, int4, gguf} x {plain, fast, spec-ngram, spec-self}
+  (fp32..int4 load an fp32 copy of the model; gguf runs the original Q4_1 file's blocks with
+  the native kernels, `--quant gguf`)
   plain = the general batched engine (`LMFORGE_FAST=0`), fast = the static-cache decoder,
   spec-* = fast + speculative decoding with prompt-lookup or a layer-skipping self-draft.
-- lmforge/auto/default: what `lmforge chat/generate` run with no flags (`--quant auto
-  --draft auto`, through the engine), marked "*" in the table.
+- lmforge/auto/default: what `lmforge chat/generate` run with no flags (the default GGUF,
+  `--quant auto --draft auto`, through the engine), marked "*" in the table.
 - transformers fp32 and bf16 (`generate`, greedy, KV cache).
 - llama.cpp on the original Q4_1 GGUF and on lmforge's q8_0 export, when available.
 - NAME@chat: the same on a short prompt that nothing in the reply copies from ("Write a short
@@ -36,11 +38,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 from lmforge.provenance import git_commit
 RESULT = ROOT / "benchmarks" / "results" / "decode.json"
 TEXT = ROOT / "tests" / "data" / "heldout_prose.txt"
-DTYPES = ("fp32", "bf16", "fp16", "int8", "int4")
+DTYPES = ("fp32", "bf16", "fp16", "int8", "int4", "gguf")  # gguf: the Q4_1 file's own blocks
 MODES = ("plain", "fast", "spec-ngram", "spec-self")
 CHAT_PROMPT = "Write a short story about a robot."
 DEFAULT = {"engine": "lmforge", "weights": "auto", "mode": "default"}  # the CLI's defaults
@@ -57,7 +61,9 @@ def all_cases(quick: bool) -> list[dict]:
     cases.append({"engine": "transformers", "weights": "fp32", "mode": "generate"})
     # the non-repetitive chat prompt: the default against its parts and the reference
     for c in ({"engine": "lmforge", "weights": "int8", "mode": "fast"}, {"engine": "lmforge", "weights": "int8", "mode": "spec-ngram"},
-              DEFAULT, {"engine": "transformers", "weights": "fp32", "mode": "generate"}):
+              {"engine": "lmforge", "weights": "gguf", "mode": "fast"}, {"engine": "lmforge", "weights": "gguf", "mode": "spec-ngram"},
+              DEFAULT, {"engine": "transformers", "weights": "fp32", "mode": "generate"},
+              {"engine": "llama.cpp", "weights": "q4_1 (original gguf)", "mode": "generate"}):
         cases.append({**c, "prompt": "chat"})
     if not quick:
         cases.append({"engine": "transformers", "weights": "bf16", "mode": "generate"})
@@ -115,7 +121,6 @@ def memory_mb() -> dict:
 
 # -- workers ------------------------------------------------------------------------------
 def run_lmforge(case, ids, args) -> dict:
-    import torch
 
     torch.set_num_threads(args.threads)
     if case["mode"] == "plain":
@@ -126,10 +131,12 @@ def run_lmforge(case, ids, args) -> dict:
 
     w = case["weights"]
     t = time.perf_counter()
-    if w == "auto":  # the CLI's default model settings (ModelArgs)
-        lm = lmforge.load(args.model_dir, dtype="fp32", quant="auto")
+    if w == "auto":  # the CLI's default model and settings (ModelArgs)
+        lm = lmforge.load(args.source_gguf, dtype="fp32", quant="auto")
         w = getattr(lm.model, "quant", "none")
         w = "fp32" if w == "none" else w
+    elif w == "gguf":
+        lm = lmforge.load(args.source_gguf, dtype="fp32", quant="gguf")
     else:
         lm = lmforge.load(args.model_dir, dtype="fp32" if w in ("int8", "int4") else w, quant=w if w in ("int8", "int4") else "none")
     load_s = time.perf_counter() - t
@@ -169,8 +176,25 @@ def run_lmforge(case, ids, args) -> dict:
     out["first_ids"] = runs[0]["ids"][:16]
     out["load_s"] = load_s
     out["resolved_weights"] = w
-    out["weight_bytes_per_token"] = weight_bytes_per_token(lm.model.cfg, w)
+    out["weight_bytes_per_token"] = model_bytes_per_token(lm.model)
     return out
+
+
+def model_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every linear layer (float weights, int8 values
+    with their scales, or GGUF blocks) and the output head."""
+    from lmforge.native.linear import BlockLinear
+    from lmforge.quant import QuantLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, BlockLinear):
+            total += m.blocks.numel()
+        elif isinstance(m, QuantLinear):
+            total += m.q.numel() + 4 * m.scale.numel()
+        elif isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
 
 
 def run_transformers(case, ids, args) -> dict:
@@ -322,6 +346,7 @@ def main() -> None:
         tmp = Path(td)
         ids, extra = prepare(args, tmp)
         args.model_dir = str(tmp / "model")
+        args.source_gguf = extra["source_gguf"]
         bw = read_bandwidth(args.threads)
         cfg = extra["cfg"]
         rows = []
@@ -332,7 +357,7 @@ def main() -> None:
                 continue
             row = {"case": case_name(c), **c, **r, "default": is_default(c), "wall_s": round(time.perf_counter() - t, 1),
                    "load_avg_1min": round(os.getloadavg()[0], 2)}
-            wb = weight_bytes_per_token(cfg, r.get("resolved_weights", c["weights"])) if c["engine"] == "lmforge" and "error" not in r else None
+            wb = r.get("weight_bytes_per_token") if c["engine"] == "lmforge" and "error" not in r else None
             if c["engine"] == "transformers":
                 wb = weight_bytes_per_token(cfg, c["weights"])
             if wb:
@@ -350,6 +375,8 @@ def main() -> None:
     ok = [r for r in rows if "error" not in r and r["engine"] == "lmforge" and r.get("prompt") is None]
     best = max(ok, key=lambda r: r["decode_tok_s"]) if ok else None
     default = {p: next((r for r in rows if r["default"] and r.get("prompt") == p and "error" not in r), None) for p in (None, "chat")}
+    llama_chat = find(rows, "llama.cpp/q4_1/generate@chat")
+    gguf_chat = find(rows, "lmforge/gguf/fast@chat")
     result = {
         "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:]),
         "commit": git_commit(),
@@ -368,6 +395,8 @@ def main() -> None:
         "default_mode": "lmforge chat/generate with no flags: --dtype fp32 --quant auto --draft auto",
         "default_decode_vs_transformers_fp32": default[None] and default[None].get("decode_vs_transformers"),
         "default_decode_vs_transformers_fp32_chat_prompt": default["chat"] and default["chat"].get("decode_vs_transformers"),
+        "default_decode_vs_llama_cpp_chat_prompt": ratio(default["chat"], llama_chat),
+        "gguf_fast_decode_vs_llama_cpp_chat_prompt": ratio(gguf_chat, llama_chat),
         "rows": rows,
     }
     print_table(result)
@@ -376,10 +405,22 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
+def find(rows: list[dict], name: str) -> dict | None:
+    return next((r for r in rows if r["case"] == name and "error" not in r), None)
+
+
+def ratio(a: dict | None, b: dict | None) -> float | None:
+    """a's decode speed over b's: both measured in this run."""
+    return a["decode_tok_s"] / b["decode_tok_s"] if a and b else None
+
+
 def print_table(res: dict) -> None:
     print(f"\nthreads={res['threads']} prompt={res['prompt_tokens']} (@chat: {res.get('chat_prompt_tokens')}) new={res['new_tokens']} "
           f"read bandwidth {res['read_bandwidth_gb_s']:.1f} GB/s, load {res['load_average_before']} -> {res['load_average_after']}")
     print("* = the default (lmforge chat/generate with no flags); vs HF fp32 compares the same prompt")
+    for key in ("default_decode_vs_llama_cpp_chat_prompt", "gguf_fast_decode_vs_llama_cpp_chat_prompt"):
+        if res.get(key):
+            print(f"{key}: {res[key]:.2f}x")
     hdr = f"| {'case':34s} | prefill tok/s | decode tok/s | vs HF fp32 | bound tok/s | accept | RSS MB (peak) |"
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")

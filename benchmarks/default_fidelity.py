@@ -1,7 +1,7 @@
 """How faithfully each CPU mode runs the default model's GGUF: greedy replies against the file's
 own numbers (dequantized, fp32) on 100 held-out chat prompts, and decode speed, in one run.
 
-    python benchmarks/default_fidelity.py [--prompts 100] [--tokens 20] [--threads 2]
+    python benchmarks/default_fidelity.py [--prompts 100] [--tokens 20] [--threads 2] [--modes gguf,fp16]
 
 The prompts are made here from templates (questions about places, things, people and tasks the
 tests and demos do not use). A reply "agrees" when its first `--tokens` greedy tokens equal the
@@ -49,12 +49,16 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", default="", help="only these, by quant or dtype (e.g. gguf,fp16); the reference always runs")
     ap.add_argument("--out", default=str(RESULT))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     texts = prompts(a.prompts)
-    modes = {"file (fp32, reference)": ("fp32", "none"), "fp16 weights": ("fp16", "none"),
-             "int8 (re-quantized)": ("fp32", "int8"), "bf16 weights": ("bf16", "none")}
+    modes = {"file (fp32, reference)": ("fp32", "none"), "file's own blocks (gguf, the default)": ("fp32", "gguf"),
+             "fp16 weights": ("fp16", "none"), "int8 (re-quantized)": ("fp32", "int8"), "bf16 weights": ("bf16", "none")}
+    if a.modes:
+        keep = a.modes.split(",")
+        modes = {k: v for k, v in modes.items() if k.startswith("file (") or v[1] in keep or v[0] in keep}
     res, ref = {}, None
     for name, (dtype, quant) in modes.items():
         lm = lmforge.load(None, dtype=dtype, quant=quant, device="cpu")

@@ -271,7 +271,7 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
-        p = self.lm_head.weight
+        p = self.model.embed_tokens.weight  # always dense (a quantized head's weight is computed)
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, device=p.device, dtype=dtype or p.dtype)
 
     # -- forward --------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import torch.nn as nn
 from lmforge.errors import LmforgeError
 
 SCHEMES = ("int8", "int4")
-CHOICES = ("auto", "none") + SCHEMES  # what --quant accepts
+CHOICES = ("auto", "none", "gguf") + SCHEMES  # what --quant accepts ("gguf": a GGUF's own blocks)
 INT4_GROUP = 32
 SMOOTH_ALPHA = 0.5
 CALIBRATION_TEXT = Path(__file__).with_name("quant_calibration.txt")
@@ -225,7 +225,7 @@ def resolve_quant(quant: str | None, device="cpu", dtype="fp32") -> str:
     if quant in (None, ""):
         return "none"
     if quant not in CHOICES:
-        raise LmforgeError(f"unknown --quant '{quant}' (choose auto, none, int8 or int4)")
+        raise LmforgeError(f"unknown --quant '{quant}' (choose auto, none, gguf, int8 or int4)")
     if quant != "auto":
         return quant
     on_cpu = torch.device(device).type == "cpu"
@@ -240,7 +240,9 @@ def resolve_precision(dtype="fp32", quant: str | None = "none", device="cpu",
 
         device  --dtype    --quant auto           other --quant
         cpu     fp32       fp32 weights, int8     as given
-        (cpu    fp32       fp16 weights, none     when the file is already quantized: a GGUF Q4/Q8)
+        (cpu    fp32       the file's own blocks  when the file is already quantized: a GGUF Q4/Q8/K-quant,
+                           ("gguf")               run by lmforge.native's kernels; fp16 weights where
+                                                  those cannot be built)
         cpu     bf16/fp16  that dtype, none       as given
         cuda    fp32       bf16 weights, none     fp32, as given
         cuda    bf16/fp16  that dtype, none       as given
@@ -250,10 +252,16 @@ def resolve_precision(dtype="fp32", quant: str | None = "none", device="cpu",
     quantization; int8/int4 stay CPU-only (`quantize_model` says so). A file whose weights are
     already quantized is not rounded a second time: int8 of the default Q4_1 GGUF answered the
     README's question wrongly and matched the file's own greedy replies on 20 % of 100 prompts;
-    fp16 weights of the same file match on 98 % (benchmarks/results/default_fidelity.json)."""
+    fp16 weights of the same file match on 98 % (benchmarks/results/default_fidelity.json);
+    its own blocks, computed as llama.cpp computes them, are both right and the fastest."""
     full = dtype in ("fp32", "float32", torch.float32)
-    if quant == "auto" and full and quantized_source and torch.device(device).type == "cpu":
-        return "fp16", "none"
+    on_cpu = torch.device(device).type == "cpu"
+    if quant == "gguf" and not on_cpu:
+        raise LmforgeError("--quant gguf runs on CPU only; use --dtype bf16/fp16 on a GPU")
+    if quant == "auto" and full and quantized_source and on_cpu:
+        from lmforge import native
+
+        return ("fp32", "gguf") if native.library() is not None else ("fp16", "none")
     scheme = resolve_quant(quant, device, dtype)
     if quant == "auto" and full and torch.device(device).type == "cuda":
         dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.native.linear import BlockLinear, fuse_block_linears
 from lmforge.quant import QuantLinear, fuse_quant_linears
 
 
@@ -63,9 +64,31 @@ class _Linear:
         return y if self.dtype == torch.float32 else y.to(self.dtype)
 
 
-def _fuse(mods: list[nn.Module], orders: list, dtype) -> _Linear:
+class _Parts:
+    """Layers that read one input but cannot be fused (GGUF blocks of different types, as a
+    K-quant mix holds): each runs on its own and the outputs are joined."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def fold_into(self, norm_weight):
+        return norm_weight
+
+    def __call__(self, x):
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def _fuse(mods: list[nn.Module], orders: list, dtype):
     if all(isinstance(m, QuantLinear) for m in mods):
         return _Linear(q=fuse_quant_linears(mods, orders), dtype=dtype)
+    if all(isinstance(m, BlockLinear) for m in mods):
+        fused = fuse_block_linears(mods, orders)
+        if fused is not None:
+            return _Linear(q=fused, dtype=dtype)
+    if any(isinstance(m, BlockLinear) for m in mods):
+        return _Parts([_ordered(m, o, dtype) for m, o in zip(mods, orders)])
     ws, bs = [], []
     for m, o in zip(mods, orders):
         w = m.weight.detach()
@@ -76,8 +99,18 @@ def _fuse(mods: list[nn.Module], orders: list, dtype) -> _Linear:
     return _Linear(torch.cat(ws).contiguous(), bias)
 
 
+def _ordered(m: nn.Module, order, dtype) -> _Linear:
+    """One layer, output rows reordered."""
+    if order is None:
+        return _single(m, dtype)
+    if isinstance(m, BlockLinear):
+        return _Linear(q=fuse_block_linears([m], [order]), dtype=dtype)
+    b = None if m.bias is None else m.bias.detach()[order]
+    return _Linear(m.weight.detach()[order].contiguous(), b)
+
+
 def _single(m: nn.Module, dtype) -> _Linear:
-    if isinstance(m, QuantLinear):
+    if isinstance(m, (QuantLinear, BlockLinear)):
         return _Linear(q=m, dtype=dtype)
     return _Linear(m.weight.detach(), None if m.bias is None else m.bias.detach())
 
@@ -96,7 +129,7 @@ def unsupported_reason(model) -> str | None:
             return f"forward hooks on {name or 'the model'}"
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
-            if type(m) not in (nn.Linear, QuantLinear):
+            if type(m) not in (nn.Linear, QuantLinear, BlockLinear):
                 return f"{name} is a {type(m).__name__} (adapters run on the general engine)"
     return None
 
@@ -155,6 +188,7 @@ class FastDecoder:
         self.capacity = 0
         self.pos = 0
         self.graph = None  # the CUDA-graph stepper of the current sequence (`begin`)
+        self._native = False  # the native one-call step (lmforge.native.step), built on first use
 
     # -- state ----------------------------------------------------------------------------
     def draft(self, layer_ids: list[int]) -> "FastDecoder":
@@ -163,6 +197,7 @@ class FastDecoder:
         d.__dict__.update(self.__dict__)
         d.layers = [self.layers[i] for i in layer_ids]
         d.kv, d.freqs, d.capacity, d.pos = None, None, 0, 0
+        d._native = False
         return d
 
     def reset(self, capacity: int) -> None:
@@ -184,6 +219,8 @@ class FastDecoder:
     def forward(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Append token ids [T] at the current position; fp32 logits [T, V] (or [1, V], last)."""
         T = ids.shape[0]
+        if T == 1 and self.native_step() is not None:
+            return self._native(self, int(ids[0]))
         p0 = self.pos
         S = p0 + T
         if S > self.capacity:
@@ -227,6 +264,16 @@ class FastDecoder:
             x = x[-1:]
         x = F.rms_norm(x, (x.shape[-1],), self.final_norm, self.eps)
         return self.head(x).float()
+
+    def native_step(self):
+        """The native whole-model step (`lmforge.native.step`) when every layer is GGUF blocks
+        the kernels run (and LMFORGE_NATIVE_STEP is not 0); else None."""
+        if self._native is False:
+            from lmforge.native.step import native_step_for
+
+            on = os.environ.get("LMFORGE_NATIVE_STEP", "1") not in ("0", "false", "off", "")
+            self._native = native_step_for(self) if on else None
+        return self._native
 
     # -- the engine's backend interface (lmforge.engine.generate_tokens) -------------------
     def begin(self, capacity: int) -> None:

@@ -94,7 +94,9 @@ def read_gguf_file(path: Path) -> tuple[dict, list[GGUFTensor]]:
     if magic != GGUF_MAGIC:
         raise LmforgeError(f"{path} is not a GGUF file (its first bytes are {magic!r}, expected b'GGUF')")
     # a plain ndarray view of the map: numpy memmap subclass bookkeeping is slow per slice
-    buf = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+    # copy-on-write: block views become torch tensors without a copy (torch wants writable
+    # arrays); nothing is ever written back to the file
+    buf = np.memmap(path, dtype=np.uint8, mode="c").view(np.ndarray)
     try:
         c = _Cursor(memoryview(buf))
         c.pos = 4
@@ -216,8 +218,33 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(config, state_dict, metadata) with every tensor dequantized to `dtype`."""
+# byte ranges of the float16 scale (and min) fields inside one block, per ggml type: finite
+# scales are enough for finite weights, since the quantized values are bounded integers
+_SCALE_FIELDS = {2: (0, 2), 3: (0, 4), 6: (0, 2), 7: (0, 4), 8: (0, 2), 12: (0, 4), 13: (0, 4), 14: (208, 210)}
+
+
+def _blocks_finite(t: GGUFTensor) -> bool:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    lo, hi = _SCALE_FIELDS[t.tensor_type]
+    nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(t.tensor_type)][1]
+    scales = t.data.reshape(-1, nbytes)[:, lo:hi]
+    return bool(np.isfinite(np.ascontiguousarray(scales).view(np.float16)).all())
+
+
+def _keeps_blocks(t: GGUFTensor, name: str) -> bool:
+    """Whether this tensor runs from its own blocks (`lmforge.native`): a quantized matrix of a
+    type the kernels know, read by a linear layer (the embedding table is looked up, not
+    multiplied, and stays dense)."""
+    from lmforge import native
+
+    return len(t.shape) == 2 and t.tensor_type in native.TYPES.values() and not name.startswith("model.embed_tokens")
+
+
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, blocks: bool = False):
+    """(config, state_dict, metadata) with every tensor dequantized to `dtype`; with `blocks`,
+    the linear layers' quantized weights stay as the file's blocks instead, as `BlockWeight`
+    entries of the state dict (uint8 rows, memory-mapped where no reordering is needed)."""
     import gguf
 
     path = Path(path)
@@ -225,25 +252,50 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     cfg = config_from_gguf(meta, path)
     permute = cfg.extra["architecture"] == "llama"
     state = {}
+    names = {t.name: hf_name(t.name) for t in tensors}
+    tied = "lm_head.weight" not in names.values()
     for t in tensors:
-        name = hf_name(t.name)
+        name = names[t.name]
         if name is None:
             if t.name.startswith("rope_freqs"):
                 continue
             raise LmforgeError(f"unexpected tensor '{t.name}' in {path}")
+        heads = cfg.n_heads if ".q_proj." in name else cfg.n_kv_heads if ".k_proj." in name else None
+        if blocks and tied and name == "model.embed_tokens.weight" and _keeps_blocks(t, "lm_head.weight"):
+            state["lm_head.weight"] = _block_weight(t, path, None)
+        if blocks and _keeps_blocks(t, name):
+            state[name] = _block_weight(t, path, heads if permute else None)
+            continue
         with np.errstate(all="ignore"):  # garbage blocks overflow; the check below names the tensor
             w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
         if not np.isfinite(w).all():
             raise LmforgeError(f"{path}: tensor '{t.name}' holds non-finite values (corrupt data?)")
-        if permute and ".q_proj." in name:
-            w = unpermute_qk(w, cfg.n_heads)
-        elif permute and ".k_proj." in name:
-            w = unpermute_qk(w, cfg.n_kv_heads)
+        if permute and heads is not None:
+            w = unpermute_qk(w, heads)
         state[name] = torch.from_numpy(np.array(w, dtype=np.float32, copy=True)).to(dtype)
-    cfg.tie_embeddings = "lm_head.weight" not in state
+    cfg.tie_embeddings = tied
     expected = 2 + 9 * cfg.n_layers + (0 if cfg.tie_embeddings else 1)
     if cfg.attention_bias:
         expected += 3 * cfg.n_layers
-    if len(state) < expected:
-        raise LmforgeError(f"{path} holds {len(state)} of the {expected} tensors a {cfg.n_layers}-layer model needs (truncated?)")
+    got = len(state) - (1 if tied and "lm_head.weight" in state else 0)
+    if got < expected:
+        raise LmforgeError(f"{path} holds {got} of the {expected} tensors a {cfg.n_layers}-layer model needs (truncated?)")
     return cfg, state, meta
+
+
+@dataclass
+class BlockWeight:
+    """A linear layer's weight as the file's quantized rows: `blocks` uint8 [out, row_bytes]."""
+
+    blocks: torch.Tensor
+    qtype: int
+    in_features: int
+
+
+def _block_weight(t: GGUFTensor, path: Path, heads: int | None) -> BlockWeight:
+    if not _blocks_finite(t):
+        raise LmforgeError(f"{path}: tensor '{t.name}' holds non-finite values (corrupt data?)")
+    rows = t.data
+    if heads is not None:  # llama.cpp's q/k row order back to HF's; blocks never span rows
+        rows = unpermute_qk(rows, heads)
+    return BlockWeight(torch.from_numpy(np.ascontiguousarray(rows)), int(t.tensor_type), int(t.shape[0]))

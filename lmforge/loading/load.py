@@ -63,8 +63,9 @@ def resolve_run_folder(path: Path) -> Path:
     return path
 
 
-def read_model_files(model=None, dtype=torch.float32) -> tuple[Config, dict, Tokenizer | None, Path]:
-    """(config, state_dict in `dtype`, tokenizer or None, resolved path)."""
+def read_model_files(model=None, dtype=torch.float32, blocks: bool = False) -> tuple[Config, dict, Tokenizer | None, Path]:
+    """(config, state_dict in `dtype`, tokenizer or None, resolved path). `blocks`: a quantized
+    GGUF's linear weights stay as its blocks (`BlockWeight`s, see `read_gguf`)."""
     path = resolve_model_path(model)
     dtype = parse_dtype(dtype)
     adapter = adapter_folder(path)
@@ -74,7 +75,7 @@ def read_model_files(model=None, dtype=torch.float32) -> tuple[Config, dict, Tok
         m, tok = load_adapter_model(adapter, dtype=dtype)
         return m.cfg, dict(m.state_dict()), tok, adapter
     if path.is_file():
-        cfg, state, meta = read_gguf(path, dtype)
+        cfg, state, meta = read_gguf(path, dtype, blocks=blocks)
         tok = Tokenizer.from_gguf_fields(meta) if "tokenizer.ggml.tokens" in meta else None
         return cfg, state, tok, path
     folder = resolve_run_folder(path)
@@ -85,8 +86,13 @@ def read_model_files(model=None, dtype=torch.float32) -> tuple[Config, dict, Tok
 
 
 def build_model(cfg: Config, state: dict, device="cpu") -> Transformer:
-    """Instantiate without allocating random weights (meta device), then take `state` as is."""
-    if cfg.tie_embeddings:
+    """Instantiate without allocating random weights (meta device), then take `state` as is.
+    `BlockWeight` entries become `BlockLinear` layers that compute from the file's blocks."""
+    from lmforge.loading.gguf_file import BlockWeight
+
+    blocks = {k[: -len(".weight")]: v for k, v in state.items() if isinstance(v, BlockWeight)}
+    state = {k: v for k, v in state.items() if not isinstance(v, BlockWeight)}
+    if cfg.tie_embeddings and "lm_head" not in blocks:
         state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -94,16 +100,31 @@ def build_model(cfg: Config, state: dict, device="cpu") -> Transformer:
         from lmforge.moe import hf_state_to_lmforge  # Mixtral-style keys -> our module names
 
         state = hf_state_to_lmforge(state, cfg)
-    missing = set(model.state_dict()) - set(state)
-    unexpected = set(state) - set(model.state_dict())
+    wanted = set(model.state_dict()) - {f"{name}.weight" for name in blocks}
+    missing, unexpected = wanted - set(state), set(state) - wanted
     if missing or unexpected:
         what = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
         raise LmforgeError(f"weights do not match the config: {what}")
+    _swap_block_linears(model, blocks, state)
     model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and "lm_head" not in blocks:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg)
     return model.to(device).eval()
+
+
+def _swap_block_linears(model, blocks: dict, state: dict) -> None:
+    """Put a BlockLinear where each block-held weight's nn.Linear was (its bias moves with it)."""
+    from lmforge.native.linear import BlockLinear
+
+    for name, bw in blocks.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        bias = state.pop(f"{name}.bias", None)
+        setattr(parent, child, BlockLinear(bw.blocks, bw.qtype, bw.in_features, bias))
+    if blocks:
+        model.quant = "gguf"
+        model.requires_grad_(False)
 
 
 def _quantized_gguf(model) -> bool:
@@ -130,6 +151,8 @@ def load_model(model=None, dtype="fp32", device="cpu", quant: str = "none") -> t
 
     device = resolve_device(device)
     dtype, quant = resolve_precision(dtype, quant, device, quantized_source=quant == "auto" and _quantized_gguf(model))
+    if quant == "gguf" and not _quantized_gguf(model):
+        raise LmforgeError(f"--quant gguf runs a quantized GGUF file's own blocks; {resolve_model_path(model)} is not one")
     adapter = adapter_folder(model)
     if adapter is not None:
         from lmforge.finetune.lora import load_adapter_model
@@ -137,10 +160,10 @@ def load_model(model=None, dtype="fp32", device="cpu", quant: str = "none") -> t
         m, tok = load_adapter_model(adapter, dtype=dtype, device=device)
         path = adapter
     else:
-        cfg, state, tok, path = read_model_files(model, dtype)
+        cfg, state, tok, path = read_model_files(model, dtype, blocks=quant == "gguf")
         m = build_model(cfg, state, device)
     m.source_path = str(path)
-    if quant and quant != "none":
+    if quant and quant not in ("none", "gguf"):
         from lmforge.quant import quantize_model
 
         m = quantize_model(m, quant, tokenizer=tok)  # the tokenizer feeds its calibration text

@@ -1,0 +1,104 @@
+"""`BlockLinear`: an `nn.Linear` whose weight is a GGUF file's own quantized blocks.
+
+The weight is never re-rounded: the native kernels (`lmforge.native`, qmatmul.c) compute with
+the blocks as the file holds them, so lmforge computes what the file says (llama.cpp's
+arithmetic: 8-bit activations per 32 values, integer dots). Where the kernels cannot be built,
+the same module dequantizes its weight once (gguf's reference dequantizer) and runs `F.linear`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge import native
+from lmforge.errors import LmforgeError
+
+
+def dequantize(blocks: torch.Tensor, qtype: int, cols: int) -> torch.Tensor:
+    """fp32 [rows, cols] of quantized rows [rows, row_bytes] (gguf's reference dequantizer)."""
+    import gguf
+
+    with np.errstate(all="ignore"):
+        w = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(qtype))
+    return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(blocks.shape[0], cols)
+
+
+def matmul(blocks: torch.Tensor, qtype: int, cols: int, x: torch.Tensor, scalar: bool = False) -> torch.Tensor:
+    """x [M, cols] @ W^T -> fp32 [M, rows] with the native kernels (`scalar`: their plain-C
+    path, which the SIMD path must equal)."""
+    lib = native.library()
+    x = x.detach().float().contiguous()
+    y = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
+    rc = lib.lmf_matmul(qtype, blocks.data_ptr(), blocks.shape[0], blocks.shape[1], cols, x.data_ptr(),
+                        x.shape[0], y.data_ptr(), torch.get_num_threads(), int(scalar))
+    if rc != 0:
+        raise LmforgeError(f"native matmul refused a [{blocks.shape[0]}, {cols}] weight of ggml type {qtype} (code {rc})")
+    return y
+
+
+def runs_natively(qtype: int) -> bool:
+    return qtype in native.TYPES.values() and native.library() is not None
+
+
+class BlockLinear(nn.Module):
+    """y = x W^T + b with W held as `blocks` (uint8 [out, row_bytes]) of ggml type `qtype`."""
+
+    scheme = "gguf"
+    inv_smooth = None  # the fast decoder's QuantLinear interface: no input smoothing
+
+    def __init__(self, blocks: torch.Tensor, qtype: int, in_features: int, bias: torch.Tensor | None = None,
+                 out_dtype=torch.float32):
+        super().__init__()
+        self.register_buffer("blocks", blocks, persistent=False)
+        self.register_buffer("qbias", None if bias is None else bias.float().contiguous(), persistent=False)
+        self.qtype, self.in_features, self.out_features = int(qtype), int(in_features), int(blocks.shape[0])
+        self.out_dtype = out_dtype
+        self._dense = None  # the dequantized weight, made once where the kernels cannot run
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized float weight (a fresh tensor; for inspection and export)."""
+        return dequantize(self.blocks, self.qtype, self.in_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # a state dict (save_hf, convert) holds the dequantized weights under nn.Linear's keys
+        destination[prefix + "weight"] = self.weight.to(self.out_dtype)
+        if self.qbias is not None:
+            destination[prefix + "bias"] = self.qbias.to(self.out_dtype)
+
+    def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, in] fp32 -> [M, out] fp32."""
+        if runs_natively(self.qtype):
+            y = matmul(self.blocks, self.qtype, self.in_features, x)
+        else:
+            if self._dense is None:
+                self._dense = self.weight
+            y = F.linear(x.float(), self._dense)
+        return y if self.qbias is None else y.add_(self.qbias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.forward_raw(x.reshape(-1, shape[-1]))
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        import gguf
+
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocks={gguf.GGMLQuantizationType(self.qtype).name}"
+
+
+def fuse_block_linears(parts: list[BlockLinear], row_orders: list | None = None) -> BlockLinear | None:
+    """One BlockLinear computing the concatenated outputs of `parts` (rows optionally reordered),
+    exact since blocks never span rows; None when the parts hold different block types."""
+    if len({(p.qtype, p.in_features) for p in parts}) != 1:
+        return None
+    rows, biases = [], []
+    for i, p in enumerate(parts):
+        order = None if row_orders is None else row_orders[i]
+        b = p.qbias if p.qbias is not None else torch.zeros(p.out_features)
+        rows.append(p.blocks if order is None else p.blocks[order])
+        biases.append(b if order is None else b[order])
+    bias = torch.cat(biases) if any(p.qbias is not None for p in parts) else None
+    return BlockLinear(torch.cat(rows), parts[0].qtype, parts[0].in_features, bias, parts[0].out_dtype)

@@ -1,0 +1,199 @@
+"""lmforge's native kernels (lmforge/native): matrix products straight from GGUF blocks, and the
+one-call decoding step, against references they must equal."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge import native
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="the native kernels could not be built here (no C compiler)")
+TYPES = sorted(native.TYPES.items(), key=lambda kv: kv[1])
+
+
+def random_blocks(qtype: int, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Valid blocks of any type: random bytes with small finite float16 scales."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    rng = np.random.default_rng(seed)
+    values, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    raw = rng.integers(0, 256, size=(rows, cols // values, nbytes), dtype=np.uint8)
+    from lmforge.loading.gguf_file import _SCALE_FIELDS
+
+    lo, hi = _SCALE_FIELDS[qtype]
+    scales = rng.uniform(-0.05, 0.05, size=(rows, cols // values, (hi - lo) // 2)).astype(np.float16)
+    raw[..., lo:hi] = scales.view(np.uint8)
+    return torch.from_numpy(raw.reshape(rows, -1).copy())
+
+
+@needs_native
+@pytest.mark.parametrize("name,qtype", TYPES)
+@pytest.mark.parametrize("m", [1, 6])
+def test_every_block_type_equals_the_reference(name, qtype, m):
+    """Both the SIMD and the plain-C path equal x @ (gguf's own dequantized weights)^T in
+    float64, to float32 rounding: the file's numbers, activations not rounded. 6 rows cover the
+    shared-unpacking path and its remainder, 512 columns two K-quant super-blocks."""
+    from lmforge.native.linear import dequantize, matmul
+
+    rows, cols = 24, 512
+    w = random_blocks(qtype, rows, cols, seed=qtype)
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m))
+    ref = x.double() @ dequantize(w, qtype, cols).double().T
+    for scalar in (False, True):
+        y = matmul(w, qtype, cols, x, scalar=scalar)
+        err = (y.double() - ref).abs().max() / ref.abs().max()
+        assert err < 1e-5, (name, scalar, float(err))
+
+
+@needs_native
+def test_the_pure_pytorch_fallback_computes_the_same_layer(monkeypatch):
+    """Without the kernels a BlockLinear runs its dequantized weight through F.linear: the same
+    layer, to float32 rounding."""
+    import gguf
+
+    from lmforge.native import linear
+
+    w = torch.randn(64, 256) * 0.05
+    b = torch.randn(64)
+    x = torch.randn(3, 5, 256)
+    for qtype in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0):
+        blocks = torch.from_numpy(gguf.quants.quantize(w.numpy(), qtype))
+        layer = linear.BlockLinear(blocks, int(qtype), 256, bias=b)
+        fast = layer(x)
+        monkeypatch.setattr(linear, "runs_natively", lambda t: False)
+        slow = linear.BlockLinear(blocks, int(qtype), 256, bias=b)(x)
+        monkeypatch.undo()
+        exact = torch.nn.functional.linear(x, layer.weight, b)
+        assert torch.allclose(slow, exact, atol=1e-5)
+        assert torch.allclose(fast, exact, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tmp_path_factory):
+    """Tiny random models (2 layers, the default tokenizer) written as Q4_0 and Q8_0 GGUFs, one
+    LLaMA-style and one Qwen2-style (q/k/v biases)."""
+    from conftest import tiny_config
+    from lmforge.export.gguf import write_gguf
+    from lmforge.loading import load_tokenizer
+    from lmforge.loading.resolve import default_model_path
+    from lmforge.model import Transformer
+
+    if default_model_path() is None:
+        pytest.skip("default model (its tokenizer) not installed")
+    tok = load_tokenizer(None)
+    out = {}
+    for arch, kw in (("llama", {}), ("qwen2", {"attention_bias": True})):
+        cfg = tiny_config(vocab_size=49152, d_model=128, n_heads=4, n_kv_heads=2, d_ff=256, max_seq_len=256, tie_embeddings=True, **kw)
+        model = Transformer(cfg).init_weights(seed=1).eval()
+        with torch.no_grad():  # larger weights (greedy choices are not near ties), biases that matter
+            for name, p in model.named_parameters():
+                if p.dim() == 2:
+                    p.mul_(6)
+                elif name.endswith(".bias"):
+                    p.copy_(torch.randn_like(p) * 0.5)
+        for kind in ("q4_0", "q8_0"):
+            out[arch, kind] = write_gguf(model, tok, tmp_path_factory.mktemp(arch) / f"m-{kind}.gguf", kind)
+    return out
+
+
+@needs_native
+def test_a_quantized_gguf_runs_its_own_blocks_by_default(tiny_ggufs):
+    """--quant auto on a CPU keeps every linear layer as the file's blocks; its logits are the
+    dequantized model's."""
+    import lmforge
+    from lmforge.native.linear import BlockLinear
+
+    for (arch, kind), path in tiny_ggufs.items():
+        auto = lmforge.load(str(path), quant="auto", device="cpu")
+        exact = lmforge.load(str(path), quant="none", device="cpu")
+        assert auto.model.quant == "gguf"
+        linears = [m for m in auto.model.modules() if isinstance(m, (BlockLinear, torch.nn.Linear))]
+        assert linears and all(isinstance(m, BlockLinear) for m in linears), (arch, kind)
+        ids = torch.tensor([auto.tokenizer.encode("Hello there, how are you today?")])
+        with torch.no_grad():
+            a, e = auto.model(ids), exact.model(ids)
+        assert ((a - e).abs().max() / e.abs().max()) < 1e-5, (arch, kind)
+
+
+@needs_native
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_native_step_equals_the_fast_decoder(tiny_ggufs, arch, monkeypatch):
+    """One-call steps (lmforge.native.step) give the fast decoder's logits at every position after
+    a prompt, and the same greedy continuation."""
+    import lmforge
+    from lmforge.fast.decode import FastDecoder
+
+    lm = lmforge.load(str(tiny_ggufs[arch, "q4_0"]), quant="auto", device="cpu")
+    prompt = torch.tensor(lm.tokenizer.encode("The quick brown fox jumps over the lazy dog."))
+    runs = {}
+    for step in ("1", "0"):
+        monkeypatch.setenv("LMFORGE_NATIVE_STEP", step)
+        dec = FastDecoder(lm.model)
+        dec.reset(64)
+        with torch.no_grad():
+            logits = [dec.forward(prompt)]
+            for _ in range(12):
+                logits.append(dec.forward(logits[-1].argmax(-1)))
+        assert (dec.native_step() is not None) == (step == "1")
+        runs[step] = torch.cat(logits)
+    a, b = runs["1"], runs["0"]
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert ((a - b).abs().max() / b.abs().max()) < 1e-5
+
+
+@needs_native
+def test_quant_gguf_needs_a_quantized_gguf(tmp_path):
+    from conftest import tiny_config
+
+    import lmforge
+    from lmforge.errors import LmforgeError
+    from lmforge.loading import load_tokenizer, save_hf
+    from lmforge.loading.resolve import default_model_path
+    from lmforge.model import Transformer
+
+    if default_model_path() is None:
+        pytest.skip("default model (its tokenizer) not installed")
+    save_hf(Transformer(tiny_config(vocab_size=49152)).init_weights(seed=0), load_tokenizer(None), tmp_path / "m")
+    with pytest.raises(LmforgeError, match="--quant gguf runs a quantized GGUF file's own blocks"):
+        lmforge.load(str(tmp_path / "m"), quant="gguf", device="cpu")
+
+
+@needs_native
+def test_a_non_finite_block_scale_names_the_tensor(tiny_ggufs, tmp_path):
+    """A block whose float16 scale is NaN fails the load with the file and tensor named."""
+    import lmforge
+    from lmforge.errors import LmforgeError
+    from lmforge.loading.gguf_file import read_gguf_file
+
+    src = tiny_ggufs["llama", "q8_0"]
+    _, tensors = read_gguf_file(src)
+    data = next(t for t in tensors if t.name == "blk.1.ffn_down.weight").data
+    root = data
+    while isinstance(root.base, np.ndarray):  # the map of the whole file
+        root = root.base
+    offset = data.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    raw = bytearray(src.read_bytes())
+    raw[offset : offset + 2] = np.array([np.nan], dtype=np.float16).tobytes()  # the first block's scale
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(LmforgeError, match=r"bad\.gguf: tensor 'blk\.1\.ffn_down\.weight' holds non-finite values"):
+        lmforge.load(str(bad), quant="auto", device="cpu")
+
+
+def test_without_a_compiler_lmforge_says_so_once_and_runs_in_pytorch(tmp_path, monkeypatch, capsys):
+    """No C compiler (or a failing one): one line on stderr, `library()` is None, and a quantized
+    GGUF runs on fp16 copies of its weights (the PyTorch path)."""
+    from lmforge.quant import resolve_precision
+
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        err = capsys.readouterr().err
+        assert "native kernels unavailable" in err and len(err.strip().splitlines()) == 2  # the build line, the reason
+        assert resolve_precision("fp32", "auto", "cpu", quantized_source=True) == ("fp16", "none")
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
