@@ -34,12 +34,12 @@ def test_every_block_type_equals_the_reference(name, qtype, m):
     """Both the SIMD and the plain-C path equal x @ (gguf's own dequantized weights)^T in
     float64, to float32 rounding: the file's numbers, activations not rounded. 6 rows cover the
     shared-unpacking path and its remainder, 512 columns two K-quant super-blocks."""
-    from lmforge.native.linear import dequantize, matmul
+    from lmforge.native.linear import matmul, reference_dequantize
 
     rows, cols = 24, 512
     w = random_blocks(qtype, rows, cols, seed=qtype)
     x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m))
-    ref = x.double() @ dequantize(w, qtype, cols).double().T
+    ref = x.double() @ reference_dequantize(w, qtype, cols).double().T
     for scalar in (False, True):
         y = matmul(w, qtype, cols, x, scalar=scalar)
         err = (y.double() - ref).abs().max() / ref.abs().max()
@@ -197,3 +197,12 @@ def test_without_a_compiler_lmforge_says_so_once_and_runs_in_pytorch(tmp_path, m
     finally:
         monkeypatch.undo()
         native.library.cache_clear()
+
+
+@needs_native
+@pytest.mark.parametrize("name,qtype", TYPES)
+def test_native_dequantization_equals_gguf(name, qtype):
+    from lmforge.native.linear import dequantize, reference_dequantize
+
+    w = random_blocks(qtype, 5, 512, seed=qtype + 1)
+    assert torch.allclose(dequantize(w, qtype, 512), reference_dequantize(w, qtype, 512), rtol=1e-6, atol=1e-7), name

@@ -70,6 +70,8 @@ def _declare(lib) -> None:
     lib.lmf_matmul.restype = c.c_int
     lib.lmf_matmul.argtypes = [c.c_int, c.c_void_p, c.c_int64, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_void_p, c.c_int, c.c_int]
     lib.lmf_simd_level.restype = c.c_int
+    lib.lmf_dequant.restype = c.c_int
+    lib.lmf_dequant.argtypes = [c.c_int, c.c_void_p, c.c_int64, c.c_int64, c.c_int64, c.c_void_p, c.c_int]
     lib.lmf_decode_step.restype = c.c_int
     lib.lmf_decode_step.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int]
 

@@ -17,7 +17,19 @@ from lmforge.errors import LmforgeError
 
 
 def dequantize(blocks: torch.Tensor, qtype: int, cols: int) -> torch.Tensor:
-    """fp32 [rows, cols] of quantized rows [rows, row_bytes] (gguf's reference dequantizer)."""
+    """fp32 [rows, cols] of quantized rows [rows, row_bytes]: the native kernels where they run
+    (equal to gguf's, tested), else gguf's reference dequantizer."""
+    if runs_natively(qtype):
+        out = torch.empty(blocks.shape[0], cols, dtype=torch.float32)
+        blocks = blocks.contiguous()
+        rc = native.library().lmf_dequant(qtype, blocks.data_ptr(), blocks.shape[0], blocks.shape[1], cols, out.data_ptr(), torch.get_num_threads())
+        if rc == 0:
+            return out
+    return reference_dequantize(blocks, qtype, cols)
+
+
+def reference_dequantize(blocks: torch.Tensor, qtype: int, cols: int) -> torch.Tensor:
+    """gguf's own (numpy) dequantizer: the reference every native path is tested against."""
     import gguf
 
     with np.errstate(all="ignore"):

@@ -439,3 +439,18 @@ done:
     free(x); free(h); free(qkv); free(y); free(o); free(gu); free(scores);
     return rc;
 }
+
+/* out [rows, cols] float32 = the blocks dequantized (the embedding table, inspection, export) */
+int lmf_dequant(int t, const uint8_t *w, int64_t rows, int64_t row_bytes, int64_t cols, float *out, int threads) {
+    if (!block_bytes(t) || cols % block_values(t) || row_bytes != cols / block_values(t) * block_bytes(t)) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows * cols > (1 << 16))
+    for (int64_t r = 0; r < rows; r++) {
+        int8_t v[32];
+        float c[2], mn;
+        for (int64_t g = 0; g < cols / 32; g++) {
+            group_scalar(t, w + r * row_bytes, g, v, c, &mn);
+            for (int i = 0; i < 32; i++) out[r * cols + 32 * g + i] = c[i / 16] * v[i] + mn;
+        }
+    }
+    return 0;
+}
