@@ -206,3 +206,25 @@ def test_native_dequantization_equals_gguf(name, qtype):
 
     w = random_blocks(qtype, 5, 512, seed=qtype + 1)
     assert torch.allclose(dequantize(w, qtype, 512), reference_dequantize(w, qtype, 512), rtol=1e-6, atol=1e-7), name
+
+
+@needs_native
+@pytest.mark.parametrize("variant,flags", [("AVX2 without AVX-512", ["-mavx2", "-mfma", "-mf16c"]), ("plain C", [])])
+def test_other_builds_of_the_kernels_equal_the_reference(tmp_path, variant, flags):
+    """The same source built for machines without AVX-512 (AVX2 + FMA) and without any vector
+    extension computes the same products (this machine runs both)."""
+    import shutil
+
+    from lmforge.native.linear import matmul, reference_dequantize
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    out = tmp_path / "variant.so"
+    native.build(cc, out, ["-O2", "-fopenmp", "-shared", "-fPIC", "-std=c11", *flags])
+    lib = native.load(out)
+    assert lib.lmf_simd_level() == (1 if flags else 0)
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0))
+    for name, qtype in TYPES:
+        w = random_blocks(qtype, 16, 512, seed=qtype + 7)
+        ref = x.double() @ reference_dequantize(w, qtype, 512).double().T
+        err = (matmul(w, qtype, 512, x, lib=lib).double() - ref).abs().max() / ref.abs().max()
+        assert err < 1e-5, (variant, name, float(err))

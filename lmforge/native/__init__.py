@@ -53,12 +53,13 @@ def library_path(cc: str) -> Path:
     return lmforge_home() / "native" / f"qmatmul-{key}.so"
 
 
-def build(cc: str, out: Path) -> None:
-    """Compile qmatmul.c to `out` (atomically: a half-written library is never loaded)."""
+def build(cc: str, out: Path, flags: list[str] | None = None) -> None:
+    """Compile qmatmul.c to `out` (atomically: a half-written library is never loaded).
+    `flags` replace the defaults (tests build the AVX2-only and plain-C variants this way)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     print("lmforge: building the native kernels for this machine (once)…", file=sys.stderr, flush=True)
-    r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+    r = subprocess.run([cc, *(flags or FLAGS), str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
@@ -74,6 +75,12 @@ def _declare(lib) -> None:
     lib.lmf_dequant.argtypes = [c.c_int, c.c_void_p, c.c_int64, c.c_int64, c.c_int64, c.c_void_p, c.c_int]
     lib.lmf_decode_step.restype = c.c_int
     lib.lmf_decode_step.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int]
+
+
+def load(path: Path):
+    lib = ctypes.CDLL(str(path))
+    _declare(lib)
+    return lib
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,9 +99,7 @@ def library():
         path = library_path(cc)
         if not path.exists():
             build(cc, path)
-        lib = ctypes.CDLL(str(path))
-        _declare(lib)
-        return lib
+        return load(path)
     except OSError as e:
         print(f"lmforge: native kernels unavailable ({e}); quantized GGUF weights run dequantized in PyTorch", file=sys.stderr)
         return None

@@ -37,10 +37,10 @@ def reference_dequantize(blocks: torch.Tensor, qtype: int, cols: int) -> torch.T
     return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(blocks.shape[0], cols)
 
 
-def matmul(blocks: torch.Tensor, qtype: int, cols: int, x: torch.Tensor, scalar: bool = False) -> torch.Tensor:
+def matmul(blocks: torch.Tensor, qtype: int, cols: int, x: torch.Tensor, scalar: bool = False, lib=None) -> torch.Tensor:
     """x [M, cols] @ W^T -> fp32 [M, rows] with the native kernels (`scalar`: their plain-C
-    path, which the SIMD path must equal)."""
-    lib = native.library()
+    path, which the SIMD path must equal; `lib`: another build of them)."""
+    lib = lib or native.library()
     x = x.detach().float().contiguous()
     y = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
     rc = lib.lmf_matmul(qtype, blocks.data_ptr(), blocks.shape[0], blocks.shape[1], cols, x.data_ptr(),

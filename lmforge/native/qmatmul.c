@@ -156,34 +156,46 @@ static inline float hsum(__m256 a) {
     return _mm_cvtss_f32(s);
 }
 
-/* acc += (c * v + mn) . x over one group: v's 32 values widened to floats, bytes 0-15 on
- * scale c_lo, 16-31 on c_hi */
+/* One group's weights widened to floats, c * v + mn (bytes 0-15 on scale c_lo, 16-31 on c_hi),
+ * computed once and multiplied with every activation row that shares them. */
 #ifdef __AVX512F__
 typedef __m512 vacc;
 #define VZERO _mm512_setzero_ps()
-static inline vacc group_dot(__m256i v, float c_lo, float c_hi, float mn, const float *x, vacc acc) {
+#define WN 2 /* vectors per group */
+static inline void group_weights(__m256i v, float c_lo, float c_hi, float mn, vacc *w) {
     __m512 m = _mm512_set1_ps(mn);
-    __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))), _mm512_set1_ps(c_lo), m);
-    __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))), _mm512_set1_ps(c_hi), m);
-    return _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc));
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))), _mm512_set1_ps(c_lo), m);
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))), _mm512_set1_ps(c_hi), m);
+}
+static inline vacc group_dot(const vacc *w, const float *x, vacc acc) {
+    return _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x + 16), _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), acc));
 }
 static inline float vsum(vacc a) { return _mm512_reduce_add_ps(a); }
 #else
 typedef __m256 vacc;
 #define VZERO _mm256_setzero_ps()
-static inline vacc group_dot(__m256i v, float c_lo, float c_hi, float mn, const float *x, vacc acc) {
+#define WN 4
+static inline void group_weights(__m256i v, float c_lo, float c_hi, float mn, vacc *w) {
     __m256 m = _mm256_set1_ps(mn), cl = _mm256_set1_ps(c_lo), ch = _mm256_set1_ps(c_hi);
     __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
-    acc = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), cl, m), _mm256_loadu_ps(x), acc);
-    acc = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), cl, m), _mm256_loadu_ps(x + 8), acc);
-    acc = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), ch, m), _mm256_loadu_ps(x + 16), acc);
-    return _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), ch, m), _mm256_loadu_ps(x + 24), acc);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), cl, m);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), cl, m);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), ch, m);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), ch, m);
+}
+static inline vacc group_dot(const vacc *w, const float *x, vacc acc) {
+    for (int k = 0; k < 4; k++) acc = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + 8 * k), acc);
+    return acc;
 }
 static inline float vsum(vacc a) { return hsum(a); }
 #endif
 
-#define ACC(v, c_lo, c_hi, mn) \
-    for (int j = 0; j < n; j++) acc[j] = group_dot((v), (c_lo), (c_hi), (mn), x + j * xstride + 32 * g, acc[j]);
+#define ACC(v, c_lo, c_hi, mn)                                                                   \
+    {                                                                                            \
+        vacc w_[WN];                                                                             \
+        group_weights((v), (c_lo), (c_hi), (mn), w_);                                            \
+        for (int j = 0; j < n; j++) acc[j] = group_dot(w_, x + j * xstride + 32 * g, acc[j]);     \
+    }
 
 /* out[j] = row . x[j] for j < n (n <= NX); x[j] starts at x + j * xstride */
 static inline void dot_simd(int t, const uint8_t *row, const float *x, int64_t groups, int64_t xstride, int n, float *out) {
