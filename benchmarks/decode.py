@@ -9,6 +9,8 @@ Cases (each in its own process, so peak memory is its own):
   (fp32..int4 load an fp32 copy of the model; gguf runs the original Q4_1 file's blocks with
   the native kernels, `--quant gguf`)
   plain = the general batched engine (`LMFORGE_FAST=0`), fast = the static-cache decoder,
+  layers = the same without the one-call native step (`LMFORGE_NATIVE_STEP=0`: the kernels
+  called layer by layer from PyTorch; gguf weights only),
   spec-* = fast + speculative decoding with prompt-lookup or a layer-skipping self-draft.
 - lmforge/auto/default: what `lmforge chat/generate` run with no flags (the default GGUF,
   `--quant auto --draft auto`, through the engine), marked "*" in the table.
@@ -45,7 +47,7 @@ from lmforge.provenance import git_commit
 RESULT = ROOT / "benchmarks" / "results" / "decode.json"
 TEXT = ROOT / "tests" / "data" / "heldout_prose.txt"
 DTYPES = ("fp32", "bf16", "fp16", "int8", "int4", "gguf")  # gguf: the Q4_1 file's own blocks
-MODES = ("plain", "fast", "spec-ngram", "spec-self")
+MODES = ("plain", "fast", "spec-ngram", "spec-self", "layers")  # layers: gguf only, see below
 CHAT_PROMPT = "Write a short story about a robot."
 DEFAULT = {"engine": "lmforge", "weights": "auto", "mode": "default"}  # the CLI's defaults
 
@@ -54,6 +56,8 @@ def all_cases(quick: bool) -> list[dict]:
     cases = []
     for d in DTYPES:
         for m in MODES:
+            if m == "layers" and d != "gguf":  # the one-call step exists for GGUF blocks only
+                continue
             if quick and (m == "spec-self" or (m == "plain" and d not in ("fp32", "int8"))):
                 continue
             cases.append({"engine": "lmforge", "weights": d, "mode": m})
@@ -61,7 +65,8 @@ def all_cases(quick: bool) -> list[dict]:
     cases.append({"engine": "transformers", "weights": "fp32", "mode": "generate"})
     # the non-repetitive chat prompt: the default against its parts and the reference
     for c in ({"engine": "lmforge", "weights": "int8", "mode": "fast"}, {"engine": "lmforge", "weights": "int8", "mode": "spec-ngram"},
-              {"engine": "lmforge", "weights": "gguf", "mode": "fast"}, {"engine": "lmforge", "weights": "gguf", "mode": "spec-ngram"},
+              {"engine": "lmforge", "weights": "gguf", "mode": "fast"}, {"engine": "lmforge", "weights": "gguf", "mode": "layers"},
+              {"engine": "lmforge", "weights": "gguf", "mode": "spec-ngram"},
               DEFAULT, {"engine": "transformers", "weights": "fp32", "mode": "generate"},
               {"engine": "llama.cpp", "weights": "q4_1 (original gguf)", "mode": "generate"}):
         cases.append({**c, "prompt": "chat"})
@@ -125,6 +130,8 @@ def run_lmforge(case, ids, args) -> dict:
     torch.set_num_threads(args.threads)
     if case["mode"] == "plain":
         os.environ["LMFORGE_FAST"] = "0"
+    if case["mode"] == "layers":
+        os.environ["LMFORGE_NATIVE_STEP"] = "0"
     import lmforge
     from lmforge.engine import SamplingParams, generate_tokens
     from lmforge.fast.speculative import SpecStats, generate_speculative
