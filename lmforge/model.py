@@ -36,6 +36,12 @@ class Config:
     rope_scaling: dict | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = True
+    # Sliding-window attention: a query sees its last `sliding_window` positions (itself
+    # included), as in Mistral. `layer_types` (HF's words: "sliding_attention" or
+    # "full_attention" per layer) mixes windowed and full layers; unset, every layer slides
+    # when a window is set.
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
     attention_bias: bool = False  # Qwen2-style q/k/v biases
     mlp_bias: bool = False
     # Mixture of Experts: n_experts == 0 means a dense SwiGLU MLP in every layer.
@@ -64,6 +70,14 @@ class Config:
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of `layer` (None: it sees every earlier position)."""
+        if not self.sliding_window:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return int(self.sliding_window)
+        return None
 
 
 class RMSNorm(nn.Module):
@@ -274,6 +288,22 @@ class Transformer(nn.Module):
         p = self.model.embed_tokens.weight  # always dense (a quantized head's weight is computed)
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, device=p.device, dtype=dtype or p.dtype)
 
+    def _windowed_mask(self, mask, positions, cache, S: int):
+        """`mask` (None = plain causal) narrowed to each query's window: key k is visible from
+        query q only when pos(q) - pos(k) < sliding_window. None when no layer has a window."""
+        if not self.cfg.sliding_window:
+            return None
+        w = int(self.cfg.sliding_window)
+        if cache is not None:  # cache slots are positions
+            key_pos = torch.arange(S, device=positions.device)
+            near = key_pos[None, None, :] > positions[:, :, None] - w  # [B, T, S]
+        else:
+            near = (positions[:, :, None] - positions[:, None, :]) < w  # [B, T, T]
+        if mask is None:
+            T = positions.shape[1]
+            mask = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()[None, None]
+        return mask & near[:, None]
+
     # -- forward --------------------------------------------------------------------------
     def forward(
         self,
@@ -303,7 +333,7 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         x = self.model.embed_tokens(idx)
-        mask = None
+        mask, S = None, T
         layer_caches = [None] * self.cfg.n_layers
         if cache is not None:
             dev = idx.device
@@ -347,10 +377,11 @@ class Transformer(nn.Module):
                 # a query on a padding position would see no key: let it see itself (ignored anyway)
                 mask = mask | torch.eye(T, dtype=torch.bool, device=idx.device)[None, None]
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        windowed = self._windowed_mask(mask, positions, cache, S if cache is not None else T)
         if collect_hidden is not None:
             collect_hidden.append(x)
-        for layer, lc in zip(self.model.layers, layer_caches):
-            x = layer(x, cos, sin, mask, lc)
+        for i, (layer, lc) in enumerate(zip(self.model.layers, layer_caches)):
+            x = layer(x, cos, sin, windowed if self.cfg.window(i) else mask, lc)
             if collect_hidden is not None:
                 collect_hidden.append(x)
         if cache is not None:

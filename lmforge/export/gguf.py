@@ -169,6 +169,10 @@ def write_gguf(model, tokenizer, path, gguf_type: str = "f16") -> Path:
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_vocab_size(cfg.vocab_size)
+    if cfg.layer_types is not None:
+        raise LmforgeError("GGUF export: per-layer attention windows (layer_types) are not supported")
+    if cfg.sliding_window:  # llama.cpp's key; lmforge reads it back (llama.cpp's llama arch may not)
+        w.add_sliding_window(int(cfg.sliding_window))
     if kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))

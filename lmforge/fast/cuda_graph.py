@@ -165,10 +165,14 @@ class GraphDecoder:
         x = F.embedding(self.tok, f.embed)  # [1, C]
         # e^{i pos freq} for this position: a device gather (through the real view of the table)
         freqs = torch.view_as_complex(torch.view_as_real(f.freqs).index_select(0, self.pos))[:, None, :]  # [1, 1, D/2]
-        hide = torch.arange(window, device=self.pos.device) > self.pos  # [window]: slots after pos
+        slots = torch.arange(window, device=self.pos.device)
+        hide = slots > self.pos  # [window]: slots after pos
+        hides = {None: hide}  # a sliding window also hides the slots it has left behind
+        for w in set(f.windows) - {None}:
+            hides[w] = hide | (slots <= self.pos - w)
         for li, (n1, qkv_l, o_l, n2, gu_l, down_l) in enumerate(f.layers):
             h = F.rms_norm(x, (x.shape[-1],), n1, f.eps)
-            x = x + o_l(self._attend(li, qkv_l(h), freqs, hide, window))
+            x = x + o_l(self._attend(li, qkv_l(h), freqs, hides[f.windows[li]], window))
             h = F.rms_norm(x, (x.shape[-1],), n2, f.eps)
             gu = gu_l(h)
             x = x + down_l(F.silu(gu[:, : f.ff]) * gu[:, f.ff :])

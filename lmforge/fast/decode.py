@@ -164,10 +164,12 @@ class FastDecoder:
         self.scale = 1.0 / math.sqrt(D)
         if shared is not None:  # a draft sharing the target's fused weights
             self.layers = [shared.layers[i] for i in layer_ids]
+            self.windows = [shared.windows[i] for i in layer_ids]
             self.final_norm, self.head, self.inv_freq = shared.final_norm, shared.head, shared.inv_freq
         else:
             qo, ko = interleave_order(H, D), interleave_order(KV, D)
             self.layers = []
+            self.windows = [cfg.window(i) for i in range(cfg.n_layers) if layer_ids is None or i in layer_ids]
             for i, blk in enumerate(model.model.layers):
                 if layer_ids is not None and i not in layer_ids:
                     continue
@@ -196,6 +198,7 @@ class FastDecoder:
         d = FastDecoder.__new__(FastDecoder)
         d.__dict__.update(self.__dict__)
         d.layers = [self.layers[i] for i in layer_ids]
+        d.windows = [self.windows[i] for i in layer_ids]
         d.kv, d.freqs, d.capacity, d.pos = None, None, 0, 0
         d._native = False
         return d
@@ -230,11 +233,16 @@ class FastDecoder:
         x = F.embedding(ids, self.embed)  # [T, C]
         freqs = self.freqs[p0:S][:, None, :]  # [T, 1, D/2]
         half = self.dtype != torch.float32
-        mask = None
-        if T > 1 and p0 > 0:  # a chunk after a prefix: query t sees keys 0..p0+t
-            kpos = torch.arange(S, device=self.device)
-            mask = kpos[None, :] <= (p0 + torch.arange(T, device=self.device))[:, None]
+        mask = windowed = None
+        if T > 1:
+            kpos, qpos = torch.arange(S, device=self.device), p0 + torch.arange(T, device=self.device)
+            if p0 > 0:  # a chunk after a prefix: query t sees keys 0..p0+t
+                mask = kpos[None, :] <= qpos[:, None]
+            W = next((w for w in self.windows if w), None)  # one size per model (Config.window)
+            if W:  # windowed layers: only the last W keys
+                windowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - W)
         for li, (n1, qkv_l, o_l, n2, gu_l, down_l) in enumerate(self.layers):
+            w = self.windows[li]
             h = F.rms_norm(x, (x.shape[-1],), n1, self.eps)
             qkv = qkv_l(h)  # [T, (H + 2 KV) D]
             qk = qkv[:, : (H + KV) * D].view(T, H + KV, D // 2, 2)
@@ -245,14 +253,16 @@ class FastDecoder:
             kv = self.kv[li]
             kv[:, :, p0:S].copy_(qkv[:, H * D :].view(T, 2, KV, D).permute(1, 2, 0, 3))
             q = qkv[:, : H * D].view(T, KV, G, D)
-            k, v = kv[0, :, :S], kv[1, :, :S]  # [KV, S, D]
+            lo = max(0, S - w) if (w and T == 1) else 0  # one query: only its window's keys
+            k, v = kv[0, :, lo:S], kv[1, :, lo:S]  # [KV, S - lo, D]
             if T == 1:
                 # [KV, G, D] @ [KV, D, S] -> softmax -> @ [KV, S, D]
                 s = torch.bmm(q[0], k.transpose(1, 2)).mul_(self.scale)
                 y = torch.bmm(s.softmax(-1), v).reshape(1, H * D)
             else:
                 qh = q.permute(1, 2, 0, 3).reshape(1, H, T, D)
-                y = F.scaled_dot_product_attention(qh, k[None], v[None], attn_mask=mask, is_causal=mask is None, enable_gqa=G > 1)
+                m = windowed if w else mask
+                y = F.scaled_dot_product_attention(qh, k[None], v[None], attn_mask=m, is_causal=m is None, enable_gqa=G > 1)
                 y = y[0].permute(1, 0, 2).reshape(T, H * D)
             x = x + o_l(y)
             h = F.rms_norm(x, (x.shape[-1],), n2, self.eps)

@@ -208,6 +208,7 @@ def config_from_gguf(meta: dict, path: Path | str = "") -> Config:
         rope_theta=float(a("rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
         max_seq_len=int(a("context_length", 2048)),
+        sliding_window=int(a("attention.sliding_window")) if a("attention.sliding_window") else None,
         tie_embeddings=False,  # decided from the tensors present
         attention_bias=arch == "qwen2",
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),

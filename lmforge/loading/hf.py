@@ -60,11 +60,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         if kind not in ("linear", "llama3", "default"):
             raise LmforgeError(f"unsupported rope scaling '{kind}' in {where} (supported: linear, llama3)")
         scaling = None if kind == "default" else dict(scaling)
-    sliding = hf.get("sliding_window") if hf.get("use_sliding_window", mtype == "mistral") else None
+    sliding, layer_types = _sliding_window(hf, mtype, where)
     max_pos = _int(hf, "max_position_embeddings", where, 2048)
-    if sliding and _int(hf, "sliding_window", where) < max_pos:
-        # attention beyond the window would differ; cap the context so results stay exact
-        max_pos = int(sliding)
     n_heads = _int(hf, "num_attention_heads", where, high=1 << 16)
     d_model = _int(hf, "hidden_size", where, high=1 << 20)
     moe = {}
@@ -96,6 +93,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         rope_theta=_float({"rope_theta": theta}, "rope_theta", where, 10000.0),
         rope_scaling=scaling,
         max_seq_len=max_pos,
+        sliding_window=sliding,
+        layer_types=layer_types,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", mtype in ("qwen2", "qwen2_moe"))),
         mlp_bias=bool(hf.get("mlp_bias", False)),
@@ -105,6 +104,30 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         extra={"source_format": "hf", "model_type": mtype},
         **moe,
     )
+
+
+def _sliding_window(hf: dict, mtype: str, where: str) -> tuple[int | None, list[str] | None]:
+    """(window, per-layer types) from an HF config: Mistral slides in every layer when
+    `sliding_window` is set; Qwen2-family configs only with `use_sliding_window`, in the layers
+    `layer_types` (or `max_window_layers`) name."""
+    if hf.get("sliding_window") is None or not hf.get("use_sliding_window", mtype == "mistral"):
+        return None, None
+    window = _int(hf, "sliding_window", where, high=1 << 30)
+    types = hf.get("layer_types")
+    if types is None and mtype != "mistral" and hf.get("max_window_layers") is not None:
+        n = _int(hf, "num_hidden_layers", where, high=1 << 12)
+        first = _int(hf, "max_window_layers", where, high=1 << 12)
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if types is not None:
+        bad = sorted({t for t in types if t not in ("sliding_attention", "full_attention")})
+        if bad or len(types) != hf.get("num_hidden_layers"):
+            raise LmforgeError(f"{where}: layer_types must name sliding_attention or full_attention for each of the "
+                               f"{hf.get('num_hidden_layers')} layers (got {len(types)}{', ' + bad[0] if bad else ''})")
+        if all(t == "sliding_attention" for t in types):
+            types = None
+        elif not any(t == "sliding_attention" for t in types):
+            return None, None
+    return window, types
 
 
 def config_to_hf(cfg: Config) -> dict:
@@ -132,6 +155,17 @@ def config_to_hf(cfg: Config) -> dict:
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
     }
+    if cfg.sliding_window and not cfg.is_moe:
+        if cfg.layer_types is not None and not cfg.attention_bias:
+            raise LmforgeError("no transformers family has per-layer attention windows without q/k/v biases (Qwen2 has them with)")
+        if cfg.attention_bias:  # Qwen2's window; Mistral has no biases
+            hf.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True,
+                      sliding_window=cfg.sliding_window, max_window_layers=0,
+                      layer_types=cfg.layer_types or ["sliding_attention"] * cfg.n_layers)
+        else:
+            hf.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=cfg.sliding_window)
+    elif cfg.sliding_window:
+        raise LmforgeError("an HF config for a mixture of experts with sliding-window attention is not supported")
     if cfg.is_moe and cfg.n_shared_experts > 0:  # a shared expert: Qwen2-MoE has one, Mixtral not
         hf.update(
             architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", num_experts=cfg.n_experts,

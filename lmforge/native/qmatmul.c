@@ -350,6 +350,7 @@ typedef struct {
     int32_t head_type;
     float *kv;                 /* [layers, 2, kv_heads, capacity, head_dim] */
     const float *freqs;        /* [capacity, head_dim / 2] complex: (cos, sin) pairs */
+    const int64_t *windows;    /* [layers]: a sliding window's size, 0 = every position; or NULL */
 } lmf_model;
 
 static int matvec(int t, const uint8_t *w, int64_t rows, int64_t cols, const float *x, float *y, int threads) {
@@ -386,7 +387,9 @@ static void slots(const lmf_model *m, int64_t l, int s0, int s1, int64_t cols, c
  * few hundred positions this is as much work as the layer's matrix products) */
 static void attend(const lmf_model *m, int64_t l, int64_t pos, const float *q, float *y, float *scores, int threads) {
     int64_t KV = m->kv_heads, D = m->head_dim, G = m->heads / KV, S = pos + 1, cap = m->capacity;
-    const float *kc = m->kv + (l * 2) * KV * cap * D, *vc = m->kv + (l * 2 + 1) * KV * cap * D;
+    int64_t w = m->windows ? m->windows[l] : 0, s0 = w > 0 && S > w ? S - w : 0; /* keys s0..pos */
+    const float *kc = m->kv + (l * 2) * KV * cap * D + s0 * D, *vc = m->kv + (l * 2 + 1) * KV * cap * D + s0 * D;
+    S -= s0;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && S * m->heads * D > (1 << 14))
     for (int64_t h = 0; h < m->heads; h++) {
         const float *qh = q + h * D, *K = kc + (h / G) * cap * D, *V = vc + (h / G) * cap * D;

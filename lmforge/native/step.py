@@ -25,7 +25,7 @@ class _Model(c.Structure):
         ("eps", c.c_float), ("scale", c.c_float),
         ("embed", c.c_void_p), ("norm1", c.c_void_p), ("norm2", c.c_void_p), ("final_norm", c.c_void_p),
         ("qkv_bias", c.c_void_p), ("w", c.c_void_p), ("rows", c.c_void_p), ("types", c.c_void_p),
-        ("head", c.c_void_p), ("head_type", c.c_int32), ("kv", c.c_void_p), ("freqs", c.c_void_p)]
+        ("head", c.c_void_p), ("head_type", c.c_int32), ("kv", c.c_void_p), ("freqs", c.c_void_p), ("windows", c.c_void_p)]
 
 
 SLOTS = 7  # q, k, v, o, gate, up, down (q|k|v and gate|up may be one fused matrix each)
@@ -75,6 +75,7 @@ class NativeStep:
             "norm2": torch.stack([f32(ly[3]) for ly in fast.layers]), "final": f32(fast.final_norm),
             "bias": torch.stack(biases).contiguous() if has_bias else None, "ptr": ptr, "rows": rows, "types": types,
             "mods": table, "head": head,
+            "windows": torch.tensor([w or 0 for w in fast.windows], dtype=torch.int64),
         }
         k = self.keep
         cfg = fast.cfg
@@ -83,7 +84,7 @@ class NativeStep:
                         embed=k["embed"].data_ptr(), norm1=k["norm1"].data_ptr(), norm2=k["norm2"].data_ptr(),
                         final_norm=k["final"].data_ptr(), qkv_bias=None if k["bias"] is None else k["bias"].data_ptr(),
                         w=ptr.data_ptr(), rows=rows.data_ptr(), types=types.data_ptr(), head=head.blocks.data_ptr(),
-                        head_type=head.qtype, kv=None, freqs=None)
+                        head_type=head.qtype, kv=None, freqs=None, windows=k["windows"].data_ptr())
         self.lib = native.library()
 
     def __call__(self, fast, token: int) -> torch.Tensor:

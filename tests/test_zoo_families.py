@@ -1,0 +1,151 @@
+"""Model families beyond LLaMA (issue 18): each against `transformers` on tiny random configs
+that exercise its features, through every path lmforge runs a model on."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+
+def sharpen(ref, factor: float = 3.0):
+    """Larger weights: greedy choices are not near ties (a random tiny model's top two logits
+    can sit 0.003 apart, and a cached and a recomputed forward round differently)."""
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() == 2:
+                p.mul_(factor)
+    return ref
+
+
+def _ours_from(ref):
+    from lmforge.loading.hf import config_from_hf
+    from lmforge.loading.load import build_model
+
+    return build_model(config_from_hf(ref.config.to_dict()), {k: v.clone() for k, v in ref.state_dict().items()})
+
+
+def mistral(window: int = 8, **kw):
+    cfg = transformers.MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=window,
+                                     max_position_embeddings=256, **kw)
+    torch.manual_seed(0)
+    return sharpen(transformers.MistralForCausalLM(cfg).eval())
+
+
+def qwen2_mixed_windows(window: int = 6):
+    """Qwen2 with use_sliding_window: layers from max_window_layers on slide, the first do not."""
+    cfg = transformers.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                   sliding_window=window, max_window_layers=1, max_position_embeddings=256)
+    torch.manual_seed(1)
+    ref = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.2)
+    return sharpen(ref)
+
+
+FAMILIES = {"mistral-window-8": mistral, "qwen2-mixed-windows": qwen2_mixed_windows}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_transformers_past_the_window(family):
+    """A 28-token prompt with a window of 6-8: every position past the window differs unless
+    the window is applied (it did by 0.6 before)."""
+    ref = FAMILIES[family]()
+    ours = _ours_from(ref)
+    assert ours.cfg.sliding_window
+    ids = torch.randint(0, 256, (2, 28), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(ids) - ref(ids).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("path", ["engine", "fast"])
+def test_cached_greedy_decoding_equals_transformers_generate(family, path, monkeypatch):
+    """Greedy continuation far past the window: lmforge's KV-cache engine and its fast decoder
+    give transformers.generate's tokens."""
+    from lmforge.engine import SamplingParams, generate_tokens
+
+    monkeypatch.setenv("LMFORGE_FAST", "1" if path == "fast" else "0")
+    ref = FAMILIES[family]()
+    ours = _ours_from(ref)
+    prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
+        want = out[0, 12:].tolist()
+        recomputed = ours(out)[0, 11:-1].argmax(-1).tolist()  # every token from the full sequence at once
+        got = [t for _, t in generate_tokens(ours, [prompt[0].tolist()], SamplingParams(max_new_tokens=24, temperature=0.0, stop_ids=set()))]
+    assert got == want == recomputed
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_convert_to_hf_loads_in_transformers_with_equal_logits(family, tmp_path):
+    from lmforge.loading import save_hf
+
+    ref = FAMILIES[family]()
+    ours = _ours_from(ref)
+    save_hf(ours, None, tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(back) is type(ref)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (back(ids).logits - ref(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_mistral_gguf_round_trip_keeps_the_window(tmp_path):
+    import lmforge
+    from lmforge.export.gguf import write_gguf
+    from lmforge.loading import load_tokenizer
+    from lmforge.loading.resolve import default_model_path
+
+    if default_model_path() is None:
+        pytest.skip("default model (its tokenizer) not installed")
+    cfg = transformers.MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5,
+                                     max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ref = transformers.MistralForCausalLM(cfg).eval()
+    ours = _ours_from(ref)
+    path = write_gguf(ours, load_tokenizer(None), tmp_path / "m.gguf", "f16")
+    back = lmforge.load(str(path), quant="none", device="cpu").model
+    assert back.cfg.sliding_window == 5
+    ids = torch.randint(0, 49152, (1, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (back(ids) - ref(ids).logits).abs().max().item() <= 2e-3  # f16 weights
+
+
+def test_the_native_step_applies_the_window(monkeypatch, tmp_path):
+    """GGUF blocks with a window: the one-call native step, the layer-by-layer fast decoder and
+    the plain forward agree at every position past the window."""
+    from lmforge import native
+
+    if native.library() is None:
+        pytest.skip("no native kernels here")
+    import lmforge
+    from lmforge.export.gguf import write_gguf
+    from lmforge.fast.decode import FastDecoder
+    from lmforge.loading import load_tokenizer
+    from lmforge.loading.resolve import default_model_path
+
+    if default_model_path() is None:
+        pytest.skip("default model (its tokenizer) not installed")
+    cfg = transformers.MistralConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=5,
+                                     max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ours = _ours_from(transformers.MistralForCausalLM(cfg).eval())
+    lm = lmforge.load(str(write_gguf(ours, load_tokenizer(None), tmp_path / "m.gguf", "q8_0")), quant="auto", device="cpu")
+    ids = torch.randint(0, 49152, (16,), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = lm.model(ids[None])[0]
+        for step in ("1", "0"):
+            monkeypatch.setenv("LMFORGE_NATIVE_STEP", step)
+            dec = FastDecoder(lm.model)
+            dec.reset(32)
+            rows = [dec.forward(ids[:4])] + [dec.forward(ids[i : i + 1]) for i in range(4, 16)]
+            assert (dec.native_step() is not None) == (step == "1")
+            assert (torch.cat(rows) - full[3:]).abs().max().item() <= 1e-4 * full.abs().max().item(), step
