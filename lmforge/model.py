@@ -43,6 +43,7 @@ class Config:
     sliding_window: int | None = None
     layer_types: list[str] | None = None
     attention_bias: bool = False  # Qwen2-style q/k/v biases
+    qk_norm: bool = False  # Qwen3/OLMo2-style RMSNorm of each query and key head before RoPE
     mlp_bias: bool = False
     # Mixture of Experts: n_experts == 0 means a dense SwiGLU MLP in every layer.
     n_experts: int = 0
@@ -176,13 +177,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps)
 
     def forward(self, x, cos, sin, mask, layer_cache=None):
         """x [B, T, C]; mask: bool [B, 1, T, S] (True = may attend) or None for plain causal."""
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is not None:

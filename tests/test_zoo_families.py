@@ -25,12 +25,32 @@ def _ours_from(ref):
     return build_model(config_from_hf(ref.config.to_dict()), {k: v.clone() for k, v in ref.state_dict().items()})
 
 
-def mistral(window: int = 8, **kw):
-    cfg = transformers.MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=window,
-                                     max_position_embeddings=256, **kw)
+def randomize_norms(ref):
+    """Norm weights away from 1 and biases away from 0, so a misplaced one shows."""
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.2)
+            elif p.dim() == 1 and "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return ref
+
+
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256)
+
+
+def mistral(window: int = 8, vocab: int = 256, **kw):
+    cfg = transformers.MistralConfig(vocab_size=vocab, head_dim=16, sliding_window=window, **{**SIZES, **kw})
     torch.manual_seed(0)
     return sharpen(transformers.MistralForCausalLM(cfg).eval())
+
+
+def qwen3(vocab: int = 256, **kw):
+    """Qwen3: RMSNorm of every query and key head before RoPE, head_dim apart from the width."""
+    cfg = transformers.Qwen3Config(vocab_size=vocab, head_dim=32, tie_word_embeddings=True, **{**SIZES, **kw})
+    torch.manual_seed(2)
+    return sharpen(randomize_norms(transformers.Qwen3ForCausalLM(cfg).eval()))
 
 
 def qwen2_mixed_windows(window: int = 6):
@@ -40,23 +60,21 @@ def qwen2_mixed_windows(window: int = 6):
                                    sliding_window=window, max_window_layers=1, max_position_embeddings=256)
     torch.manual_seed(1)
     ref = transformers.Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.2)
-    return sharpen(ref)
+    return sharpen(randomize_norms(ref))
 
 
-FAMILIES = {"mistral-window-8": mistral, "qwen2-mixed-windows": qwen2_mixed_windows}
+FAMILIES = {"mistral-window-8": mistral, "qwen2-mixed-windows": qwen2_mixed_windows, "qwen3": qwen3}
+# with the default tokenizer's vocabulary, for GGUF files (a GGUF carries its tokenizer)
+GGUF_FAMILIES = {"mistral-window-5": lambda: mistral(window=5, vocab=49152, tie_word_embeddings=True),
+                 "qwen3": lambda: qwen3(vocab=49152)}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_equal_transformers_past_the_window(family):
-    """A 28-token prompt with a window of 6-8: every position past the window differs unless
-    the window is applied (it did by 0.6 before)."""
+    """A 28-token prompt (windows of 6-8: every position past the window differs unless the
+    window is applied; it did by 0.6 before)."""
     ref = FAMILIES[family]()
     ours = _ours_from(ref)
-    assert ours.cfg.sliding_window
     ids = torch.randint(0, 256, (2, 28), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (ours(ids) - ref(ids).logits).abs().max().item()
@@ -96,31 +114,37 @@ def test_convert_to_hf_loads_in_transformers_with_equal_logits(family, tmp_path)
         assert (back(ids).logits - ref(ids).logits).abs().max().item() <= 1e-4
 
 
-def test_mistral_gguf_round_trip_keeps_the_window(tmp_path):
-    import lmforge
-    from lmforge.export.gguf import write_gguf
+@pytest.fixture
+def tokenizer():
     from lmforge.loading import load_tokenizer
     from lmforge.loading.resolve import default_model_path
 
     if default_model_path() is None:
         pytest.skip("default model (its tokenizer) not installed")
-    cfg = transformers.MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5,
-                                     max_position_embeddings=256, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    ref = transformers.MistralForCausalLM(cfg).eval()
+    return load_tokenizer(None)
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_gguf_round_trip(family, tmp_path, tokenizer):
+    """convert --to gguf and back: the family's features survive (window, q/k norms)."""
+    import lmforge
+    from lmforge.export.gguf import write_gguf
+
+    ref = GGUF_FAMILIES[family]()
     ours = _ours_from(ref)
-    path = write_gguf(ours, load_tokenizer(None), tmp_path / "m.gguf", "f16")
+    path = write_gguf(ours, tokenizer, tmp_path / "m.gguf", "f16")
     back = lmforge.load(str(path), quant="none", device="cpu").model
-    assert back.cfg.sliding_window == 5
+    assert (back.cfg.sliding_window, back.cfg.qk_norm) == (ours.cfg.sliding_window, ours.cfg.qk_norm)
     ids = torch.randint(0, 49152, (1, 20), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        assert (back(ids) - ref(ids).logits).abs().max().item() <= 2e-3  # f16 weights
+        want = ref(ids).logits
+        assert (back(ids) - want).abs().max().item() <= 2e-3 * want.abs().max().item()  # f16 weights
 
 
-def test_the_native_step_applies_the_window(monkeypatch, tmp_path):
-    """GGUF blocks with a window: the one-call native step, the layer-by-layer fast decoder and
-    the plain forward agree at every position past the window."""
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_the_native_step_runs_the_family(family, monkeypatch, tmp_path, tokenizer):
+    """GGUF blocks of each family: the one-call native step, the layer-by-layer fast decoder
+    and the plain forward agree at every position (past the window, through the q/k norms)."""
     from lmforge import native
 
     if native.library() is None:
@@ -128,17 +152,10 @@ def test_the_native_step_applies_the_window(monkeypatch, tmp_path):
     import lmforge
     from lmforge.export.gguf import write_gguf
     from lmforge.fast.decode import FastDecoder
-    from lmforge.loading import load_tokenizer
-    from lmforge.loading.resolve import default_model_path
 
-    if default_model_path() is None:
-        pytest.skip("default model (its tokenizer) not installed")
-    cfg = transformers.MistralConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=5,
-                                     max_position_embeddings=256, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    ours = _ours_from(transformers.MistralForCausalLM(cfg).eval())
-    lm = lmforge.load(str(write_gguf(ours, load_tokenizer(None), tmp_path / "m.gguf", "q8_0")), quant="auto", device="cpu")
+    ours = _ours_from(GGUF_FAMILIES[family]())
+    lm = lmforge.load(str(write_gguf(ours, tokenizer, tmp_path / "m.gguf", "q8_0")), quant="auto", device="cpu")
+    assert lm.model.quant == "gguf"
     ids = torch.randint(0, 49152, (16,), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         full = lm.model(ids[None])[0]
@@ -149,3 +166,26 @@ def test_the_native_step_applies_the_window(monkeypatch, tmp_path):
             rows = [dec.forward(ids[:4])] + [dec.forward(ids[i : i + 1]) for i in range(4, 16)]
             assert (dec.native_step() is not None) == (step == "1")
             assert (torch.cat(rows) - full[3:]).abs().max().item() <= 1e-4 * full.abs().max().item(), step
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_our_lora_adapter_loads_in_peft_with_equal_outputs(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    from lmforge.finetune.lora import LoraSettings, apply_lora, lora_layers, save_adapter
+    from lmforge.loading import load_model
+
+    ref = FAMILIES[family]()
+    ref.save_pretrained(tmp_path / "base")
+    ours = load_model(str(tmp_path / "base"))[0]
+    apply_lora(ours, LoraSettings(r=4, alpha=8, targets=["all-linear"]))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in lora_layers(ours).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.2)
+    save_adapter(ours, tmp_path / "ad", base_model=str(tmp_path / "base"))
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        mine, base = ours(ids), ref(ids).logits
+        theirs = peft.PeftModel.from_pretrained(ref, str(tmp_path / "ad")).eval()(ids).logits
+    assert (mine - base).abs().max().item() > 1e-2  # the adapter changes something
+    assert (mine - theirs).abs().max().item() <= 1e-4 * theirs.abs().max().item()

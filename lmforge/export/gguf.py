@@ -34,6 +34,8 @@ _LAYER_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
 }
 
 
@@ -149,7 +151,9 @@ def write_gguf(model, tokenizer, path, gguf_type: str = "f16") -> Path:
     kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
     if kind not in (None, "default", "linear"):
         raise LmforgeError(f"GGUF export: rope scaling '{kind}' is not supported (linear only)")
-    arch = "qwen2" if cfg.attention_bias else "llama"
+    if cfg.qk_norm and cfg.attention_bias:
+        raise LmforgeError("GGUF export: q/k norms with q/k/v biases match no llama.cpp architecture")
+    arch = "qwen3" if cfg.qk_norm else "qwen2" if cfg.attention_bias else "llama"
     permute = arch == "llama"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -183,6 +183,10 @@ class GraphDecoder:
         """RoPE, cache write at pos and masked attention over the window for layer `li`."""
         f = self.fast
         H, KV, D = f.H, f.KV, f.D
+        if f.qk_norms[li] is not None:
+            from lmforge.fast.decode import qk_norm_
+
+            qk_norm_(qkv, f.qk_norms[li], H, KV, D, f.eps)
         qk = qkv[:, : (H + KV) * D].view(1, H + KV, D // 2, 2)  # interleaved (re, im) pairs
         if f.dtype != torch.float32:
             qk.copy_(torch.view_as_real(torch.view_as_complex(qk.float()) * freqs))

@@ -148,6 +148,14 @@ def _signature(model) -> tuple:
     return tuple(sig)
 
 
+def qk_norm_(qkv: torch.Tensor, norms, H: int, KV: int, D: int, eps: float) -> None:
+    """RMSNorm each query and key head of a fused q|k|v output in place (Qwen3's q/k norms)."""
+    T = qkv.shape[0]
+    for part, n, w in ((qkv[:, : H * D], H, norms[0]), (qkv[:, H * D : (H + KV) * D], KV, norms[1])):
+        heads = part.view(T, n, D)
+        heads.copy_(F.rms_norm(heads.float(), (D,), w.float(), eps).to(heads.dtype))
+
+
 class FastDecoder:
     """Static-cache decoding of one sequence. `layer_ids` selects layers (a self-draft skips some)."""
 
@@ -165,11 +173,14 @@ class FastDecoder:
         if shared is not None:  # a draft sharing the target's fused weights
             self.layers = [shared.layers[i] for i in layer_ids]
             self.windows = [shared.windows[i] for i in layer_ids]
+            self.qk_norms = [shared.qk_norms[i] for i in layer_ids]
             self.final_norm, self.head, self.inv_freq = shared.final_norm, shared.head, shared.inv_freq
         else:
             qo, ko = interleave_order(H, D), interleave_order(KV, D)
             self.layers = []
             self.windows = [cfg.window(i) for i in range(cfg.n_layers) if layer_ids is None or i in layer_ids]
+            self.qk_norms = []  # per layer: (q, k) RMSNorm weights in the interleaved order, or None
+            head_order = interleave_order(1, D)
             for i, blk in enumerate(model.model.layers):
                 if layer_ids is not None and i not in layer_ids:
                     continue
@@ -179,6 +190,10 @@ class FastDecoder:
                 n1 = qkv.fold_into(blk.input_layernorm.weight.detach())
                 n2 = gate_up.fold_into(blk.post_attention_layernorm.weight.detach())
                 self.layers.append((n1, qkv, _single(at.o_proj, self.dtype), n2, gate_up, _single(mlp.down_proj, self.dtype)))
+                norms = None
+                if cfg.qk_norm:
+                    norms = tuple(n.weight.detach()[head_order.to(self.device)].contiguous() for n in (at.q_norm, at.k_norm))
+                self.qk_norms.append(norms)
             self.head = _single(model.lm_head, self.dtype)
             self.final_norm = self.head.fold_into(model.model.norm.weight.detach())
             self.inv_freq = model.inv_freq.detach().float().to(self.device)
@@ -199,6 +214,7 @@ class FastDecoder:
         d.__dict__.update(self.__dict__)
         d.layers = [self.layers[i] for i in layer_ids]
         d.windows = [self.windows[i] for i in layer_ids]
+        d.qk_norms = [self.qk_norms[i] for i in layer_ids]
         d.kv, d.freqs, d.capacity, d.pos = None, None, 0, 0
         d._native = False
         return d
@@ -245,6 +261,8 @@ class FastDecoder:
             w = self.windows[li]
             h = F.rms_norm(x, (x.shape[-1],), n1, self.eps)
             qkv = qkv_l(h)  # [T, (H + 2 KV) D]
+            if self.qk_norms[li] is not None:
+                qk_norm_(qkv, self.qk_norms[li], H, KV, D, self.eps)
             qk = qkv[:, : (H + KV) * D].view(T, H + KV, D // 2, 2)
             if half:
                 qk.copy_(torch.view_as_real(torch.view_as_complex(qk.float()) * freqs))

@@ -23,9 +23,11 @@ _LAYER_KEYS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 _GLOBAL_KEYS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
 
 # GGUF metadata value types (gguf spec): id -> struct format, or a marker for strings/arrays
@@ -211,6 +213,7 @@ def config_from_gguf(meta: dict, path: Path | str = "") -> Config:
         sliding_window=int(a("attention.sliding_window")) if a("attention.sliding_window") else None,
         tie_embeddings=False,  # decided from the tensors present
         attention_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
@@ -295,6 +298,8 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, blocks: bool
     expected = 2 + 9 * cfg.n_layers + (0 if cfg.tie_embeddings else 1)
     if cfg.attention_bias:
         expected += 3 * cfg.n_layers
+    if cfg.qk_norm:
+        expected += 2 * cfg.n_layers
     got = len(state) - (1 if tied and "lm_head.weight" in state else 0)
     if got < expected:
         raise LmforgeError(f"{path} holds {got} of the {expected} tensors a {cfg.n_layers}-layer model needs (truncated?)")

@@ -11,7 +11,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.model import Config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")
 # lmforge-only MoE settings kept in config.json["lmforge"]; n_shared_experts is not: the HF config says it
 MOE_FIELDS = ("n_experts", "n_experts_per_token", "moe_d_ff", "moe_capacity_factor",
               "moe_aux_loss_coef", "moe_norm_topk_prob")
@@ -97,6 +97,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         layer_types=layer_types,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", mtype in ("qwen2", "qwen2_moe"))),
+        qk_norm=mtype == "qwen3",
         mlp_bias=bool(hf.get("mlp_bias", False)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
@@ -155,7 +156,14 @@ def config_to_hf(cfg: Config) -> dict:
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
     }
-    if cfg.sliding_window and not cfg.is_moe:
+    if cfg.qk_norm:
+        if cfg.is_moe:
+            raise LmforgeError("an HF config for a mixture of experts with q/k norms is not supported yet")
+        hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+        if cfg.sliding_window:
+            hf.update(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=0,
+                      layer_types=cfg.layer_types or ["sliding_attention"] * cfg.n_layers)
+    elif cfg.sliding_window and not cfg.is_moe:
         if cfg.layer_types is not None and not cfg.attention_bias:
             raise LmforgeError("no transformers family has per-layer attention windows without q/k/v biases (Qwen2 has them with)")
         if cfg.attention_bias:  # Qwen2's window; Mistral has no biases

@@ -351,6 +351,7 @@ typedef struct {
     float *kv;                 /* [layers, 2, kv_heads, capacity, head_dim] */
     const float *freqs;        /* [capacity, head_dim / 2] complex: (cos, sin) pairs */
     const int64_t *windows;    /* [layers]: a sliding window's size, 0 = every position; or NULL */
+    const float *q_norm, *k_norm; /* [layers, head_dim]: RMSNorm of each q / k head (Qwen3), or NULL */
 } lmf_model;
 
 static int matvec(int t, const uint8_t *w, int64_t rows, int64_t cols, const float *x, float *y, int threads) {
@@ -430,6 +431,9 @@ int lmf_decode_step(const lmf_model *m, int64_t token, int64_t pos, float *logit
         rms_norm(x, m->norm1 + l * d, h, d, m->eps);
         slots(m, l, S_Q, S_O, d, h, qkv, threads);
         if (m->qkv_bias) for (int64_t i = 0; i < nqkv; i++) qkv[i] += m->qkv_bias[l * nqkv + i];
+        if (m->q_norm)
+            for (int64_t hd = 0; hd < H + KV; hd++)
+                rms_norm(qkv + hd * D, (hd < H ? m->q_norm : m->k_norm) + l * D, qkv + hd * D, D, m->eps);
         for (int64_t i = 0; i < (H + KV) * D; i += 2) { /* rotary: (re, im) pairs times e^{i pos freq} */
             float c = f[i % D], s = f[i % D + 1], a = qkv[i], b = qkv[i + 1];
             qkv[i] = a * c - b * s;

@@ -25,7 +25,8 @@ class _Model(c.Structure):
         ("eps", c.c_float), ("scale", c.c_float),
         ("embed", c.c_void_p), ("norm1", c.c_void_p), ("norm2", c.c_void_p), ("final_norm", c.c_void_p),
         ("qkv_bias", c.c_void_p), ("w", c.c_void_p), ("rows", c.c_void_p), ("types", c.c_void_p),
-        ("head", c.c_void_p), ("head_type", c.c_int32), ("kv", c.c_void_p), ("freqs", c.c_void_p), ("windows", c.c_void_p)]
+        ("head", c.c_void_p), ("head_type", c.c_int32), ("kv", c.c_void_p), ("freqs", c.c_void_p), ("windows", c.c_void_p),
+        ("q_norm", c.c_void_p), ("k_norm", c.c_void_p)]
 
 
 SLOTS = 7  # q, k, v, o, gate, up, down (q|k|v and gate|up may be one fused matrix each)
@@ -76,7 +77,11 @@ class NativeStep:
             "bias": torch.stack(biases).contiguous() if has_bias else None, "ptr": ptr, "rows": rows, "types": types,
             "mods": table, "head": head,
             "windows": torch.tensor([w or 0 for w in fast.windows], dtype=torch.int64),
+            "q_norm": None, "k_norm": None,
         }
+        if fast.qk_norms and fast.qk_norms[0] is not None:
+            self.keep["q_norm"] = torch.stack([f32(n[0]) for n in fast.qk_norms])
+            self.keep["k_norm"] = torch.stack([f32(n[1]) for n in fast.qk_norms])
         k = self.keep
         cfg = fast.cfg
         self.m = _Model(n_layers=L, d=cfg.d_model, heads=fast.H, kv_heads=fast.KV, head_dim=fast.D, ff=fast.ff,
@@ -84,7 +89,9 @@ class NativeStep:
                         embed=k["embed"].data_ptr(), norm1=k["norm1"].data_ptr(), norm2=k["norm2"].data_ptr(),
                         final_norm=k["final"].data_ptr(), qkv_bias=None if k["bias"] is None else k["bias"].data_ptr(),
                         w=ptr.data_ptr(), rows=rows.data_ptr(), types=types.data_ptr(), head=head.blocks.data_ptr(),
-                        head_type=head.qtype, kv=None, freqs=None, windows=k["windows"].data_ptr())
+                        head_type=head.qtype, kv=None, freqs=None, windows=k["windows"].data_ptr(),
+                        q_norm=None if k["q_norm"] is None else k["q_norm"].data_ptr(),
+                        k_norm=None if k["k_norm"] is None else k["k_norm"].data_ptr())
         self.lib = native.library()
 
     def __call__(self, fast, token: int) -> torch.Tensor:
