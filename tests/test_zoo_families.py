@@ -189,3 +189,26 @@ def test_our_lora_adapter_loads_in_peft_with_equal_outputs(family, tmp_path):
         theirs = peft.PeftModel.from_pretrained(ref, str(tmp_path / "ad")).eval()(ids).logits
     assert (mine - base).abs().max().item() > 1e-2  # the adapter changes something
     assert (mine - theirs).abs().max().item() <= 1e-4 * theirs.abs().max().item()
+
+
+@pytest.mark.parametrize("family,says", [("qwen3", "family:      Qwen3: grouped-query attention (4 query heads, 2 key/value heads); RMSNorm of each query and key head"),
+                                         ("mistral-window-8", "sliding-window attention (8 positions, every layer)"),
+                                         ("qwen2-mixed-windows", "sliding-window attention (6 positions, 2 of 3 layers); q/k/v biases")])
+def test_info_names_the_family_and_its_features(family, says, tmp_path, capsys):
+    from conftest import run_cli
+
+    FAMILIES[family]().save_pretrained(tmp_path / "m")
+    r = run_cli(capsys, "info", "--model", str(tmp_path / "m"))
+    assert r.returncode == 0 and says in r.stdout, r.stdout
+
+
+def test_an_unsupported_family_is_one_line_naming_it(tmp_path, capsys):
+    from conftest import run_cli
+
+    cfg = transformers.Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    transformers.Gemma2ForCausalLM(cfg).save_pretrained(tmp_path / "g")
+    r = run_cli(capsys, "info", "--model", str(tmp_path / "g"))
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "unsupported architecture 'gemma2'" in r.stderr and "qwen3" in r.stderr

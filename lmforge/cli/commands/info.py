@@ -16,6 +16,7 @@ def run(cfg: Config) -> None:
 
     import torch
 
+    from lmforge.families import describe
     from lmforge.loading import read_model_files
 
     mcfg, state, tok, path = read_model_files(cfg.model, torch.float32)
@@ -26,6 +27,7 @@ def run(cfg: Config) -> None:
     info = {
         "path": str(path),
         "parameters": n_params,
+        **describe(mcfg),
         "config": dataclasses.asdict(mcfg),
         "tokenizer": None if tok is None else {
             "vocab_size": tok.vocab_size, "bos": tok.bos_token, "eos": tok.eos_token, "pad": tok.pad_token,
@@ -37,6 +39,9 @@ def run(cfg: Config) -> None:
         return
     print(f"model:       {path}")
     print(f"parameters:  {n_params:,} ({n_params / 1e6:.1f} M)")
+    print(f"family:      {info['family']}: {'; '.join(info['features'])}")
+    for what, ok in info["lmforge"].items():
+        print(f"  {what:<62} {ok}")
     for k, v in dataclasses.asdict(mcfg).items():
         if v not in (None, {}, 0) or k in ("n_experts",):
             print(f"  {k:<22} {v}")

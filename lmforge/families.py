@@ -1,0 +1,71 @@
+"""What a model is and what lmforge does with it: `describe(cfg)` for `lmforge info`.
+
+Families are `Config` fields read by the one `Transformer` (lmforge/model.py), not copies of
+it: a checkpoint's family is the set of features its config turns on. This file names them
+for people, and says which of lmforge's paths run each one.
+"""
+from __future__ import annotations
+
+from lmforge.model import Config
+
+# HF model_type / GGUF architecture lmforge reads -> the family's name
+FAMILIES = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral",
+            "qwen2_moe": "Qwen2-MoE"}
+
+
+def family(cfg: Config) -> str:
+    source = cfg.extra.get("model_type") or cfg.extra.get("architecture")
+    if source in FAMILIES:
+        return FAMILIES[source]
+    if cfg.is_moe:
+        return "Qwen2-MoE" if cfg.n_shared_experts else "Mixtral"
+    if cfg.qk_norm:
+        return "Qwen3"
+    if cfg.attention_bias:
+        return "Qwen2"
+    return "Mistral" if cfg.sliding_window else "LLaMA"
+
+
+def features(cfg: Config) -> list[str]:
+    out = []
+    if cfg.n_kv_heads == 1:
+        out.append(f"multi-query attention ({cfg.n_heads} query heads)")
+    elif cfg.n_kv_heads < cfg.n_heads:
+        out.append(f"grouped-query attention ({cfg.n_heads} query heads, {cfg.n_kv_heads} key/value heads)")
+    if cfg.sliding_window:
+        slides = sum(cfg.window(i) is not None for i in range(cfg.n_layers))
+        where = "every layer" if slides == cfg.n_layers else f"{slides} of {cfg.n_layers} layers"
+        out.append(f"sliding-window attention ({cfg.sliding_window} positions, {where})")
+    if cfg.qk_norm:
+        out.append("RMSNorm of each query and key head")
+    if cfg.attention_bias:
+        out.append("q/k/v biases")
+    if cfg.rope_scaling:
+        out.append(f"RoPE scaling {cfg.rope_scaling.get('rope_type', cfg.rope_scaling.get('type'))}")
+    if cfg.is_moe:
+        shared = f" + {cfg.n_shared_experts} shared" if cfg.n_shared_experts else ""
+        out.append(f"mixture of experts ({cfg.n_experts} experts, top-{cfg.n_experts_per_token}{shared})")
+    out.append("tied input/output embeddings" if cfg.tie_embeddings else "separate output head")
+    return out
+
+
+def support(cfg: Config) -> dict[str, str]:
+    """lmforge's paths for this model: "yes", or what is missing."""
+    gguf_out = "yes"
+    if cfg.is_moe:
+        gguf_out = "no (dense models only)"
+    elif cfg.layer_types is not None:
+        gguf_out = "no (per-layer windows)"
+    elif cfg.qk_norm and cfg.attention_bias:
+        gguf_out = "no (q/k norms with biases)"
+    return {
+        "run (CLI, Python API, server)": "yes",
+        "fast single-sequence decoder (and native GGUF step on CPU)": "no (mixture of experts: general engine)" if cfg.is_moe else "yes",
+        "finetune (SFT, LoRA, QLoRA), align (DPO, GRPO), eval, inspect": "yes",
+        "convert --to hf": "yes",
+        "convert --to gguf": gguf_out,
+    }
+
+
+def describe(cfg: Config) -> dict:
+    return {"family": family(cfg), "features": features(cfg), "lmforge": support(cfg)}
