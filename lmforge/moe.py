@@ -154,8 +154,9 @@ def hf_state_to_lmforge(state: dict, cfg: Config) -> dict:
 
 
 def lmforge_state_to_hf(state: dict, cfg: Config) -> dict:
-    """Our names -> Mixtral's per-expert keys (no shared expert) or Qwen2-MoE's (shared expert)."""
-    if cfg.n_shared_experts > 0:
+    """Our names -> Mixtral's per-expert keys, or the Qwen MoE names ours already are (Qwen2-MoE:
+    a shared expert; Qwen3-MoE: q/k norms)."""
+    if cfg.n_shared_experts > 0 or cfg.qk_norm:
         return dict(state)
     out = {}
     pat = re.compile(r"^(model\.layers\.\d+)\.mlp\.(gate\.weight|experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight)$")

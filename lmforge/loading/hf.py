@@ -11,7 +11,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.model import Config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 # lmforge-only MoE settings kept in config.json["lmforge"]; n_shared_experts is not: the HF config says it
 MOE_FIELDS = ("n_experts", "n_experts_per_token", "moe_d_ff", "moe_capacity_factor",
               "moe_aux_loss_coef", "moe_norm_topk_prob")
@@ -68,10 +68,11 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
     if mtype == "mixtral":
         moe = dict(n_experts=_int(hf, "num_local_experts", where, high=1 << 16), n_experts_per_token=_int(hf, "num_experts_per_tok", where, 2),
                    moe_d_ff=_int(hf, "intermediate_size", where, high=1 << 22))
-    elif mtype == "qwen2_moe":
+    elif mtype in ("qwen2_moe", "qwen3_moe"):
         if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step", 1)) != 1:
             raise LmforgeError(f"unsupported in {where}: dense layers among MoE layers (mlp_only_layers / decoder_sparse_step)")
-        moe = dict(n_experts=_int(hf, "num_experts", where, high=1 << 16), n_experts_per_token=_int(hf, "num_experts_per_tok", where, 2),
+        experts = "num_experts" if "num_experts" in hf else "num_local_experts"  # transformers 5 writes the latter
+        moe = dict(n_experts=_int(hf, experts, where, high=1 << 16), n_experts_per_token=_int(hf, "num_experts_per_tok", where, 2),
                    moe_d_ff=_int(hf, "moe_intermediate_size", where, high=1 << 22),
                    n_shared_experts=1 if hf.get("shared_expert_intermediate_size") else 0,
                    moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
@@ -97,7 +98,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         layer_types=layer_types,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", mtype in ("qwen2", "qwen2_moe"))),
-        qk_norm=mtype == "qwen3",
+        qk_norm=mtype in ("qwen3", "qwen3_moe"),
         mlp_bias=bool(hf.get("mlp_bias", False)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
@@ -156,9 +157,15 @@ def config_to_hf(cfg: Config) -> dict:
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
     }
+    if cfg.qk_norm and cfg.is_moe:
+        if cfg.n_shared_experts:
+            raise LmforgeError("no transformers family has q/k norms with a shared expert (Qwen3-MoE has none)")
+        hf.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=cfg.n_experts,
+                  num_experts_per_tok=cfg.n_experts_per_token, moe_intermediate_size=cfg.moe_d_ff or cfg.d_ff,
+                  norm_topk_prob=cfg.moe_norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
+                  router_aux_loss_coef=cfg.moe_aux_loss_coef, lmforge={k: getattr(cfg, k) for k in MOE_FIELDS})
+        return hf
     if cfg.qk_norm:
-        if cfg.is_moe:
-            raise LmforgeError("an HF config for a mixture of experts with q/k norms is not supported yet")
         hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
         if cfg.sliding_window:
             hf.update(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=0,
