@@ -10,15 +10,17 @@ from lmforge.model import Config
 
 # HF model_type / GGUF architecture lmforge reads -> the family's name
 FAMILIES = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral",
-            "qwen2_moe": "Qwen2-MoE"}
+            "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE", "gemma2": "Gemma 2"}
 
 
 def family(cfg: Config) -> str:
     source = cfg.extra.get("model_type") or cfg.extra.get("architecture")
     if source in FAMILIES:
         return FAMILIES[source]
+    if cfg.sandwich_norms:
+        return "Gemma 2"
     if cfg.is_moe:
-        return "Qwen2-MoE" if cfg.n_shared_experts else "Mixtral"
+        return "Qwen2-MoE" if cfg.n_shared_experts else "Qwen3-MoE" if cfg.qk_norm else "Mixtral"
     if cfg.qk_norm:
         return "Qwen3"
     if cfg.attention_bias:
@@ -40,6 +42,11 @@ def features(cfg: Config) -> list[str]:
         out.append("RMSNorm of each query and key head")
     if cfg.attention_bias:
         out.append("q/k/v biases")
+    if cfg.sandwich_norms:
+        out.append("norms before and after attention and MLP, (1 + w) scales, GeGLU, scaled embeddings")
+    for what, cap in (("attention scores", cfg.attn_logit_softcap), ("logits", cfg.final_logit_softcap)):
+        if cap:
+            out.append(f"{what} soft-capped at {cap:g}")
     if cfg.rope_scaling:
         out.append(f"RoPE scaling {cfg.rope_scaling.get('rope_type', cfg.rope_scaling.get('type'))}")
     if cfg.is_moe:
@@ -58,9 +65,16 @@ def support(cfg: Config) -> dict[str, str]:
         gguf_out = "no (per-layer windows)"
     elif cfg.qk_norm and cfg.attention_bias:
         gguf_out = "no (q/k norms with biases)"
+    elif cfg.sandwich_norms or cfg.norm_unit_offset or cfg.activation != "silu":
+        gguf_out = "no (Gemma-style layers)"
+    fast = "yes"
+    if cfg.is_moe:
+        fast = "no (mixture of experts: general engine)"
+    elif cfg.sandwich_norms or cfg.attn_logit_softcap or cfg.final_logit_softcap:
+        fast = "no (Gemma-style layers: general engine)"
     return {
         "run (CLI, Python API, server)": "yes",
-        "fast single-sequence decoder (and native GGUF step on CPU)": "no (mixture of experts: general engine)" if cfg.is_moe else "yes",
+        "fast single-sequence decoder (and native GGUF step on CPU)": fast,
         "finetune (SFT, LoRA, QLoRA), align (DPO, GRPO), eval, inspect": "yes",
         "convert --to hf": "yes",
         "convert --to gguf": gguf_out,

@@ -44,6 +44,14 @@ class Config:
     layer_types: list[str] | None = None
     attention_bias: bool = False  # Qwen2-style q/k/v biases
     qk_norm: bool = False  # Qwen3/OLMo2-style RMSNorm of each query and key head before RoPE
+    # Gemma-style layers. activation: the gated MLP's ("silu": SwiGLU; "gelu_tanh": GeGLU).
+    activation: str = "silu"
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight), weights stored around 0
+    sandwich_norms: bool = False  # attention and MLP outputs normed too (pre and post norms)
+    embed_scale: bool = False  # embeddings times sqrt(d_model)
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this) instead of 1/sqrt(head_dim)
     mlp_bias: bool = False
     # Mixture of Experts: n_experts == 0 means a dense SwiGLU MLP in every layer.
     n_experts: int = 0
@@ -82,17 +90,28 @@ class Config:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight, as HF Llama does (parity in bf16).
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # Gemma: (1 + w), multiplied in fp32 before the cast back
+            return (x * (1.0 + self.weight.float())).to(dtype)
+        # Llama: cast back before the weight (parity in bf16)
         return self.weight * x.to(dtype)
+
+
+def norm(cfg: Config, dim: int | None = None) -> RMSNorm:
+    return RMSNorm(dim or cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if not cap else torch.tanh(x / cap) * cap
 
 
 def rope_inv_freq(cfg: Config) -> torch.Tensor:
@@ -178,8 +197,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.norm_eps)
-            self.k_norm = RMSNorm(hd, cfg.norm_eps)
+            self.q_norm = norm(cfg, hd)
+            self.k_norm = norm(cfg, hd)
 
     def forward(self, x, cos, sin, mask, layer_cache=None):
         """x [B, T, C]; mask: bool [B, 1, T, S] (True = may attend) or None for plain causal."""
@@ -198,21 +217,34 @@ class Attention(nn.Module):
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+        if cfg.attn_logit_softcap:  # soft-capped scores: SDPA cannot, so the attention is written out
+            s = softcap(q @ k.transpose(-1, -2) * (scale or cfg.head_dim ** -0.5), cfg.attn_logit_softcap)
+            if mask is None and T > 1:
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            y = s.float().softmax(-1).to(q.dtype) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
-    def __init__(self, d_model: int, d_ff: int, bias: bool = False):
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU with silu, GeGLU with gelu_tanh."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False, activation: str = "silu"):
         super().__init__()
         self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 def make_mlp(cfg: Config) -> nn.Module:
@@ -221,7 +253,7 @@ def make_mlp(cfg: Config) -> nn.Module:
         from lmforge.moe import MoE  # the MoE block lives beside the trainer's routing logic
 
         return MoE(cfg)
-    return MLP(cfg.d_model, cfg.d_ff, cfg.mlp_bias)
+    return MLP(cfg.d_model, cfg.d_ff, cfg.mlp_bias, cfg.activation)
 
 
 class Block(nn.Module):
@@ -231,12 +263,21 @@ class Block(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.input_layernorm = norm(cfg)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # LLaMA: the norm before the MLP. With sandwich norms (Gemma) HF's same name is the norm
+        # of the attention's output, and the MLP gets a norm on each side.
+        self.post_attention_layernorm = norm(cfg)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm(cfg)
+            self.post_feedforward_layernorm = norm(cfg)
         self.mlp = make_mlp(cfg)
 
     def forward(self, x, cos, sin, mask, layer_cache=None):
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -251,8 +292,8 @@ class NextTokenLoss(nn.Module):
 
     compile_unit = True
 
-    def forward(self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, weight)
+    def forward(self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float | None = None) -> torch.Tensor:
+        logits = softcap(F.linear(h, weight), cap)
         total = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-100, reduction="sum")
         return total / (targets != -100).sum().clamp(min=1)  # no target at all: 0, not nan
 
@@ -265,7 +306,7 @@ class Transformer(nn.Module):
             dict(
                 embed_tokens=nn.Embedding(cfg.vocab_size, cfg.d_model),
                 layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
-                norm=RMSNorm(cfg.d_model, cfg.norm_eps),
+                norm=norm(cfg),
             )
         )
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -281,12 +322,18 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.dim() == 1:
-                nn.init.ones_(p) if name.endswith("norm.weight") or "layernorm" in name else nn.init.zeros_(p)
+                is_norm = name.endswith("norm.weight") or "layernorm" in name
+                nn.init.ones_(p) if is_norm and not self.cfg.norm_unit_offset else nn.init.zeros_(p)
                 continue
             s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")) else std
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
         return self
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from final-norm hidden states: the output head, soft-capped where the family
+        caps (Gemma 2). Every caller that runs the head on hidden states goes through here."""
+        return softcap(self.lm_head(h), self.cfg.final_logit_softcap)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
@@ -340,6 +387,8 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         x = self.model.embed_tokens(idx)
+        if self.cfg.embed_scale:  # Gemma: sqrt(d_model), rounded to the activations' dtype first
+            x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype)
         mask, S = None, T
         layer_caches = [None] * self.cfg.n_layers
         if cache is not None:
@@ -395,8 +444,8 @@ class Transformer(nn.Module):
             cache.lengths[rows] = cache.lengths[rows] + n_new
         x = self.model.norm(x)
         if targets is not None:
-            return self.next_token_loss(x, self.lm_head.weight, targets)
-        return x if hidden_only else self.lm_head(x)
+            return self.next_token_loss(x, self.lm_head.weight, targets, self.cfg.final_logit_softcap)
+        return x if hidden_only else self.head(x)
 
 
 def aux_losses(model: nn.Module) -> torch.Tensor | float:

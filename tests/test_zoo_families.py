@@ -31,8 +31,8 @@ def randomize_norms(ref):
         for n, p in ref.named_parameters():
             if n.endswith("bias"):
                 p.normal_(0, 0.2)
-            elif p.dim() == 1 and "norm" in n:
-                p.uniform_(0.5, 1.5)
+            elif p.dim() == 1 and "norm" in n:  # around 1 (LLaMA's w) or around 0 (Gemma's 1 + w)
+                p.uniform_(0.5, 1.5) if p.mean() > 0.5 else p.uniform_(-0.5, 0.5)
     return ref
 
 
@@ -71,7 +71,17 @@ def qwen3_moe():
     return sharpen(randomize_norms(transformers.Qwen3MoeForCausalLM(cfg).eval()))
 
 
-FAMILIES = {"mistral-window-8": mistral, "qwen2-mixed-windows": qwen2_mixed_windows, "qwen3": qwen3, "qwen3-moe": qwen3_moe}
+def gemma2():
+    """Gemma 2: GeGLU, (1 + w) norms before and after attention and MLP, scaled embeddings,
+    soft-capped scores (low caps, so they bite) and logits, local/global layers, its own scale."""
+    cfg = transformers.Gemma2Config(vocab_size=256, head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=5.0, **SIZES)
+    torch.manual_seed(4)
+    return sharpen(randomize_norms(transformers.Gemma2ForCausalLM(cfg).eval()), 2.0)
+
+
+FAMILIES = {"mistral-window-8": mistral, "qwen2-mixed-windows": qwen2_mixed_windows, "qwen3": qwen3, "qwen3-moe": qwen3_moe,
+            "gemma2": gemma2}
 DENSE = [f for f in FAMILIES if "moe" not in f]  # PEFT cannot target transformers-5's fused expert weights
 # with the default tokenizer's vocabulary, for GGUF files (a GGUF carries its tokenizer)
 GGUF_FAMILIES = {"mistral-window-5": lambda: mistral(window=5, vocab=49152, tie_word_embeddings=True),
@@ -202,7 +212,9 @@ def test_our_lora_adapter_loads_in_peft_with_equal_outputs(family, tmp_path):
 
 @pytest.mark.parametrize("family,says", [("qwen3", "family:      Qwen3: grouped-query attention (4 query heads, 2 key/value heads); RMSNorm of each query and key head"),
                                          ("mistral-window-8", "sliding-window attention (8 positions, every layer)"),
-                                         ("qwen2-mixed-windows", "sliding-window attention (6 positions, 2 of 3 layers); q/k/v biases")])
+                                         ("qwen2-mixed-windows", "sliding-window attention (6 positions, 2 of 3 layers); q/k/v biases"),
+                                         ("gemma2", "family:      Gemma 2: grouped-query attention (4 query heads, 2 key/value heads); "
+                                                    "sliding-window attention (6 positions, 2 of 3 layers); norms before and after")])
 def test_info_names_the_family_and_its_features(family, says, tmp_path, capsys):
     from conftest import run_cli
 
@@ -214,10 +226,29 @@ def test_info_names_the_family_and_its_features(family, says, tmp_path, capsys):
 def test_an_unsupported_family_is_one_line_naming_it(tmp_path, capsys):
     from conftest import run_cli
 
-    cfg = transformers.Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    transformers.Gemma2ForCausalLM(cfg).save_pretrained(tmp_path / "g")
-    r = run_cli(capsys, "info", "--model", str(tmp_path / "g"))
+    cfg = transformers.Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    transformers.Phi3ForCausalLM(cfg).save_pretrained(tmp_path / "p")
+    r = run_cli(capsys, "info", "--model", str(tmp_path / "p"))
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1
-    assert "unsupported architecture 'gemma2'" in r.stderr and "qwen3" in r.stderr
+    assert "unsupported architecture 'phi3'" in r.stderr and "gemma2" in r.stderr
+
+
+def test_training_losses_see_the_capped_logits():
+    """The loss inside forward (pretraining) and SFT's chunked loss use the soft-capped logits
+    that inference and transformers use."""
+    import torch.nn.functional as F
+
+    from lmforge.finetune.sft import lm_loss_sum
+
+    ours = _ours_from(gemma2())
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(9))
+    targets = torch.roll(ids, -1, 1)
+    with torch.no_grad():
+        want = F.cross_entropy(ours(ids).flatten(0, 1), targets.flatten())
+        assert torch.allclose(ours(ids, targets=targets), want, atol=1e-5)
+        h = ours(ids, hidden_only=True).flatten(0, 1)
+        sft = lm_loss_sum(h, ours.lm_head.weight, targets.flatten(), chunk=7, cap=ours.cfg.final_logit_softcap) / targets.numel()
+        assert torch.allclose(sft, want, atol=1e-5)
+        assert not torch.allclose(lm_loss_sum(h, ours.lm_head.weight, targets.flatten()) / targets.numel(), want, atol=1e-3)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmforge.model import softcap
 from lmforge.errors import LmforgeError
 from lmforge.train.batches import to_device
 
@@ -42,7 +43,7 @@ def reply_logps(model, input_ids: torch.Tensor, reply_mask: torch.Tensor) -> tup
     tgt = idx[:, 1:]
     sel = mask[:, 1:].bool()
     # only reply positions go through the output head: prompts cost no vocab-sized logits
-    logits = F.linear(h[sel], raw.lm_head.weight).float()
+    logits = softcap(F.linear(h[sel], raw.lm_head.weight), raw.cfg.final_logit_softcap).float()
     tok_logp = torch.gather(logits.log_softmax(-1), 1, tgt[sel][:, None]).squeeze(1)
     rows = torch.arange(idx.shape[0], device=dev)[:, None].expand_as(sel)[sel]
     out = torch.zeros(idx.shape[0], device=dev, dtype=torch.float32).index_add(0, rows, tok_logp)

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lmforge.model import softcap
 from lmforge.errors import LmforgeError
 from lmforge.train.trainer import BatchSource, to_device, unwrap
 
@@ -58,7 +59,7 @@ def token_logps(model, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     idx, m, dev = input_ids, mask, input_ids.device
     h = model(idx[:, :-1], hidden_only=True)
     sel = m[:, 1:].bool()
-    logits = F.linear(h[sel], raw.lm_head.weight).float()
+    logits = softcap(F.linear(h[sel], raw.lm_head.weight), raw.cfg.final_logit_softcap).float()
     lp = torch.gather(logits.log_softmax(-1), 1, idx[:, 1:][sel][:, None]).squeeze(1)
     out = torch.zeros(sel.shape, device=dev, dtype=torch.float32)
     return out.masked_scatter(sel, lp)

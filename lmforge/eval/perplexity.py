@@ -129,7 +129,7 @@ def score_token_ids(model, docs: list[list[int]], window: int | None = None, str
         tgt_t = torch.tensor(tgt, device=device)
         nll = []
         for s in range(0, h.shape[0], 1024):
-            logits = model.lm_head(h[s : s + 1024]).float()
+            logits = model.head(h[s : s + 1024]).float()
             nll.append(torch.nn.functional.cross_entropy(logits, tgt_t[s : s + 1024], reduction="none"))
         vals = torch.cat(nll).double().cpu().tolist()
         k = 0

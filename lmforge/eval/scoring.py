@@ -168,7 +168,7 @@ def _score_batch(model, batch, T: int, device) -> list[list[Score]]:
     tgt = torch.tensor(target, device=device)
     lp, greedy = [], []
     for s in range(0, h.shape[0], 1024):  # the head on at most 1024 positions at a time (memory)
-        logits = model.lm_head(h[s : s + 1024]).float()
+        logits = model.head(h[s : s + 1024]).float()
         logp = torch.log_softmax(logits, dim=-1)
         lp.append(logp.gather(-1, tgt[s : s + 1024, None])[:, 0])
         greedy.append(logits.argmax(-1) == tgt[s : s + 1024])
@@ -247,7 +247,7 @@ def token_logprobs(model, ids: list[int], top_k: int = 0, chunk: int = 512) -> l
     h = model(x, hidden_only=True)[0, :-1]
     out: list[dict] = [{"id": ids[0], "logprob": None, "top": None}]
     for s in range(0, h.shape[0], chunk):
-        lp = torch.log_softmax(model.lm_head(h[s:s + chunk]).float(), dim=-1)
+        lp = torch.log_softmax(model.head(h[s:s + chunk]).float(), dim=-1)
         nxt = x[0, s + 1:s + 1 + lp.shape[0]]
         chosen = lp.gather(-1, nxt[:, None])[:, 0].tolist()
         tops = torch.topk(lp, top_k) if top_k else None

@@ -175,6 +175,8 @@ def write_gguf(model, tokenizer, path, gguf_type: str = "f16") -> Path:
     w.add_vocab_size(cfg.vocab_size)
     if cfg.layer_types is not None:
         raise LmforgeError("GGUF export: per-layer attention windows (layer_types) are not supported")
+    if cfg.sandwich_norms or cfg.norm_unit_offset or cfg.activation != "silu":
+        raise LmforgeError("GGUF export: Gemma-style layers are not supported yet")
     if cfg.sliding_window:  # llama.cpp's key; lmforge reads it back (llama.cpp's llama arch may not)
         w.add_sliding_window(int(cfg.sliding_window))
     if kind == "linear":

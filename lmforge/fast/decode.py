@@ -122,6 +122,9 @@ def unsupported_reason(model) -> str | None:
         return "not an lmforge Transformer"
     if cfg.is_moe:
         return "mixture-of-experts model"
+    if (cfg.sandwich_norms or cfg.norm_unit_offset or cfg.activation != "silu" or cfg.embed_scale or cfg.attn_logit_softcap
+            or cfg.final_logit_softcap or cfg.query_pre_attn_scalar):
+        return "Gemma-style layers (the general engine runs them)"
     if cfg.head_dim % 2:
         return "odd head_dim"
     for name, m in model.named_modules():

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.model import softcap
 from lmforge.errors import LmforgeError
 from lmforge.train.trainer import BatchSource, TrainConfig, resolve_device, to_device, unwrap
 
@@ -168,23 +169,24 @@ class SFTBatches(BatchSource):
 
 
 # -- loss -------------------------------------------------------------------------------------
-def _ce_sum(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")
+def _ce_sum(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, cap: float | None = None) -> torch.Tensor:
+    return F.cross_entropy(softcap(F.linear(h, w), cap).float(), t, reduction="sum")
 
 
-def lm_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+def lm_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0,
+                cap: float | None = None) -> torch.Tensor:
     """Sum of cross-entropy over rows of `hidden` [N, C] against `targets` [N].
 
     `chunk` > 0 computes the output head and loss `chunk` rows at a time and recomputes each
     chunk in backward, so at most one chunk of logits exists at any moment.
     """
     if chunk <= 0 or hidden.shape[0] <= chunk:
-        return _ce_sum(hidden, head_weight, targets)
+        return _ce_sum(hidden, head_weight, targets, cap)
     from torch.utils.checkpoint import checkpoint
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, hidden.shape[0], chunk):
-        total = total + checkpoint(_ce_sum, hidden[i:i + chunk], head_weight, targets[i:i + chunk], use_reentrant=False)
+        total = total + checkpoint(_ce_sum, hidden[i:i + chunk], head_weight, targets[i:i + chunk], cap, use_reentrant=False)
     return total
 
 
@@ -197,7 +199,7 @@ def sft_loss(model: nn.Module, batch: dict, ce_chunk: int = 0) -> tuple[torch.Te
     n = sel.sum()
     # no target at all (cannot happen with checked data) gives 0 with the graph kept, so DDP
     # ranks stay in step
-    loss = lm_loss_sum(h[sel], raw.lm_head.weight, targets[sel], ce_chunk) / n.clamp(min=1)
+    loss = lm_loss_sum(h[sel], raw.lm_head.weight, targets[sel], ce_chunk, raw.cfg.final_logit_softcap) / n.clamp(min=1)
     return loss, {"tokens": batch.get("n_tokens", idx.numel()), "trained_tokens": n}
 
 

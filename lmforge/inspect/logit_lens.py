@@ -33,7 +33,7 @@ def lens_log_probs(model, ids: list[int]) -> torch.Tensor:
     model(torch.tensor([ids], device=device), collect_hidden=hidden)
     out = []
     for h in hidden:
-        out.append(torch.log_softmax(model.lm_head(model.model.norm(h[0])).float(), dim=-1))
+        out.append(torch.log_softmax(model.head(model.model.norm(h[0])).float(), dim=-1))
     return torch.stack(out)
 
 

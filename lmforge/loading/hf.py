@@ -11,7 +11,8 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.model import Config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2")
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 # lmforge-only MoE settings kept in config.json["lmforge"]; n_shared_experts is not: the HF config says it
 MOE_FIELDS = ("n_experts", "n_experts_per_token", "moe_d_ff", "moe_capacity_factor",
               "moe_aux_loss_coef", "moe_norm_topk_prob")
@@ -48,9 +49,9 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
     if mtype not in SUPPORTED_MODEL_TYPES:
         arch = (hf.get("architectures") or ["?"])[0]
         raise LmforgeError(f"unsupported architecture '{mtype or arch}' in {where} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    act = hf.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise LmforgeError(f"unsupported hidden_act '{act}' in {where} (only silu/SwiGLU)")
+    act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        raise LmforgeError(f"unsupported hidden_act '{act}' in {where} (supported: {', '.join(_ACTIVATIONS)})")
     # transformers >= 5 moves rope_theta/rope_scaling into rope_parameters
     rope = dict(hf.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
@@ -99,6 +100,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", mtype in ("qwen2", "qwen2_moe"))),
         qk_norm=mtype in ("qwen3", "qwen3_moe"),
+        activation=_ACTIVATIONS[act],
+        **(_gemma(hf, where) if mtype == "gemma2" else {}),
         mlp_bias=bool(hf.get("mlp_bias", False)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
@@ -112,10 +115,12 @@ def _sliding_window(hf: dict, mtype: str, where: str) -> tuple[int | None, list[
     """(window, per-layer types) from an HF config: Mistral slides in every layer when
     `sliding_window` is set; Qwen2-family configs only with `use_sliding_window`, in the layers
     `layer_types` (or `max_window_layers`) name."""
-    if hf.get("sliding_window") is None or not hf.get("use_sliding_window", mtype == "mistral"):
+    if hf.get("sliding_window") is None or not hf.get("use_sliding_window", mtype in ("mistral", "gemma2")):
         return None, None
     window = _int(hf, "sliding_window", where, high=1 << 30)
     types = hf.get("layer_types")
+    if types is None and mtype == "gemma2":  # configs before transformers 5: even layers slide
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(_int(hf, "num_hidden_layers", where))]
     if types is None and mtype != "mistral" and hf.get("max_window_layers") is not None:
         n = _int(hf, "num_hidden_layers", where, high=1 << 12)
         first = _int(hf, "max_window_layers", where, high=1 << 12)
@@ -130,6 +135,32 @@ def _sliding_window(hf: dict, mtype: str, where: str) -> tuple[int | None, list[
         elif not any(t == "sliding_attention" for t in types):
             return None, None
     return window, types
+
+
+def _gemma(hf: dict, where: str) -> dict:
+    """Gemma 2's Config fields: (1 + w) norms on both sides of attention and MLP, scaled
+    embeddings, soft-capped attention scores and logits, its own attention scale."""
+    def cap(key):
+        return _float(hf, key, where, None) if hf.get(key) is not None else None
+
+    return dict(norm_unit_offset=True, sandwich_norms=True, embed_scale=True, attn_logit_softcap=cap("attn_logit_softcapping"),
+                final_logit_softcap=cap("final_logit_softcapping"),
+                query_pre_attn_scalar=_float(hf, "query_pre_attn_scalar", where, None) if hf.get("query_pre_attn_scalar") else None)
+
+
+def _whole(x: float) -> int | float:
+    """An int where the value is whole (transformers' typed configs want ints there)."""
+    return int(x) if float(x).is_integer() else x
+
+
+def _gemma_to_hf(cfg: Config) -> dict:
+    if not (cfg.norm_unit_offset and cfg.embed_scale and cfg.activation == "gelu_tanh") or cfg.attention_bias or cfg.qk_norm or cfg.is_moe:
+        raise LmforgeError("an HF config for sandwich norms needs Gemma 2's other features too ((1 + w) norms, scaled "
+                           "embeddings, GeGLU; no biases, q/k norms or experts)")
+    return dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_activation="gelu_pytorch_tanh",
+                query_pre_attn_scalar=_whole(cfg.query_pre_attn_scalar or cfg.head_dim), attn_logit_softcapping=cfg.attn_logit_softcap,
+                final_logit_softcapping=cfg.final_logit_softcap, sliding_window=cfg.sliding_window or cfg.max_seq_len,
+                layer_types=[("sliding_attention" if cfg.window(i) else "full_attention") for i in range(cfg.n_layers)])
 
 
 def config_to_hf(cfg: Config) -> dict:
@@ -157,6 +188,10 @@ def config_to_hf(cfg: Config) -> dict:
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
     }
+    if cfg.sandwich_norms:
+        hf.update(_gemma_to_hf(cfg))
+        hf.pop("hidden_act")
+        return hf
     if cfg.qk_norm and cfg.is_moe:
         if cfg.n_shared_experts:
             raise LmforgeError("no transformers family has q/k norms with a shared expert (Qwen3-MoE has none)")

@@ -160,7 +160,7 @@ class Scheduler:
         self.ctx = min(ctx or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        self.device = model.lm_head.weight.device
+        self.device = model.model.embed_tokens.weight.device  # a GGUF head's weight is computed
         self.vocab = model.cfg.vocab_size
         self.stop_ids = tokenizer.stop_ids()
         self.cache = None  # allocated when the thread starts
@@ -323,7 +323,7 @@ class Scheduler:
         if not done_groups:
             return
         last = h[torch.tensor(done_rows, device=self.device), n_new[done_rows] - 1]
-        logits = self.model.lm_head(last).float()
+        logits = self.model.head(last).float()
         for j, group in enumerate(done_groups):
             self.prefilling.remove(group)
             lead = group[0]
