@@ -10,7 +10,7 @@ from lmforge.model import Config
 
 # HF model_type / GGUF architecture lmforge reads -> the family's name
 FAMILIES = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral",
-            "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE", "gemma2": "Gemma 2"}
+            "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
 
 
 def family(cfg: Config) -> str:
@@ -18,7 +18,7 @@ def family(cfg: Config) -> str:
     if source in FAMILIES:
         return FAMILIES[source]
     if cfg.sandwich_norms:
-        return "Gemma 2"
+        return "Gemma 3" if cfg.qk_norm else "Gemma 2"
     if cfg.is_moe:
         return "Qwen2-MoE" if cfg.n_shared_experts else "Qwen3-MoE" if cfg.qk_norm else "Mixtral"
     if cfg.qk_norm:
@@ -47,6 +47,8 @@ def features(cfg: Config) -> list[str]:
     for what, cap in (("attention scores", cfg.attn_logit_softcap), ("logits", cfg.final_logit_softcap)):
         if cap:
             out.append(f"{what} soft-capped at {cap:g}")
+    if cfg.rope_local_theta:
+        out.append(f"RoPE base {cfg.rope_local_theta:g} in sliding layers, {cfg.rope_theta:g} in full ones")
     if cfg.rope_scaling:
         out.append(f"RoPE scaling {cfg.rope_scaling.get('rope_type', cfg.rope_scaling.get('type'))}")
     if cfg.is_moe:

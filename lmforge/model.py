@@ -52,6 +52,7 @@ class Config:
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this) instead of 1/sqrt(head_dim)
+    rope_local_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (no scaling there)
     mlp_bias: bool = False
     # Mixture of Experts: n_experts == 0 means a dense SwiGLU MLP in every layer.
     n_experts: int = 0
@@ -136,6 +137,13 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
     elif kind not in (None, "default"):
         raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
     return inv_freq
+
+
+def local_inv_freq(cfg: Config) -> torch.Tensor:
+    """The sliding layers' inverse frequencies when they have their own base (Gemma 3)."""
+    import dataclasses
+
+    return rope_inv_freq(dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling=None))
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
@@ -432,12 +440,16 @@ class Transformer(nn.Module):
                 mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
                 # a query on a padding position would see no key: let it see itself (ignored anyway)
                 mask = mask | torch.eye(T, dtype=torch.bool, device=idx.device)[None, None]
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        rope = {None: rope_cos_sin(self.inv_freq, positions, x.dtype)}
+        if self.cfg.rope_local_theta:  # sliding layers turn at their own base
+            rope["local"] = rope_cos_sin(local_inv_freq(self.cfg).to(self.inv_freq.device), positions, x.dtype)
         windowed = self._windowed_mask(mask, positions, cache, S if cache is not None else T)
         if collect_hidden is not None:
             collect_hidden.append(x)
         for i, (layer, lc) in enumerate(zip(self.model.layers, layer_caches)):
-            x = layer(x, cos, sin, windowed if self.cfg.window(i) else mask, lc)
+            w = self.cfg.window(i)
+            cos, sin = rope["local" if w and "local" in rope else None]
+            x = layer(x, cos, sin, windowed if w else mask, lc)
             if collect_hidden is not None:
                 collect_hidden.append(x)
         if cache is not None:

@@ -80,8 +80,20 @@ def gemma2():
     return sharpen(randomize_norms(transformers.Gemma2ForCausalLM(cfg).eval()), 2.0)
 
 
+def gemma3():
+    """Gemma 3 text: Gemma 2's layers without soft-caps, (1 + w) q/k norms, and a local RoPE base
+    for the sliding layers beside a scaled global one (5 local : 1 global; here 2 : 1)."""
+    cfg = transformers.Gemma3TextConfig(vocab_size=256, head_dim=16, sliding_window=6, query_pre_attn_scalar=16,
+                                        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}},
+                                        **SIZES)
+    torch.manual_seed(5)
+    return sharpen(randomize_norms(transformers.Gemma3ForCausalLM(cfg).eval()), 2.0)
+
+
 FAMILIES = {"mistral-window-8": mistral, "qwen2-mixed-windows": qwen2_mixed_windows, "qwen3": qwen3, "qwen3-moe": qwen3_moe,
-            "gemma2": gemma2}
+            "gemma2": gemma2, "gemma3": gemma3}
 DENSE = [f for f in FAMILIES if "moe" not in f]  # PEFT cannot target transformers-5's fused expert weights
 # with the default tokenizer's vocabulary, for GGUF files (a GGUF carries its tokenizer)
 GGUF_FAMILIES = {"mistral-window-5": lambda: mistral(window=5, vocab=49152, tie_word_embeddings=True),

@@ -11,7 +11,8 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.model import Config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 # lmforge-only MoE settings kept in config.json["lmforge"]; n_shared_experts is not: the HF config says it
 MOE_FIELDS = ("n_experts", "n_experts_per_token", "moe_d_ff", "moe_capacity_factor",
@@ -52,8 +53,14 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
     act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
     if act not in _ACTIVATIONS:
         raise LmforgeError(f"unsupported hidden_act '{act}' in {where} (supported: {', '.join(_ACTIVATIONS)})")
-    # transformers >= 5 moves rope_theta/rope_scaling into rope_parameters
+    # transformers >= 5 moves rope_theta/rope_scaling into rope_parameters (Gemma 3: one per layer type)
     rope = dict(hf.get("rope_parameters") or {})
+    local_theta = None
+    if "full_attention" in rope:
+        local_theta = (rope.get("sliding_attention") or {}).get("rope_theta")
+        rope = dict(rope["full_attention"])
+    elif mtype == "gemma3_text":
+        local_theta = hf.get("rope_local_base_freq", 10000.0)
     theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if scaling:
@@ -99,9 +106,10 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         layer_types=layer_types,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", mtype in ("qwen2", "qwen2_moe"))),
-        qk_norm=mtype in ("qwen3", "qwen3_moe"),
+        qk_norm=mtype in ("qwen3", "qwen3_moe", "gemma3_text"),
         activation=_ACTIVATIONS[act],
-        **(_gemma(hf, where) if mtype == "gemma2" else {}),
+        **(_gemma(hf, where, mtype) if mtype in GEMMA else {}),
+        rope_local_theta=_float({"t": local_theta}, "t", where, None) if local_theta else None,
         mlp_bias=bool(hf.get("mlp_bias", False)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
@@ -115,12 +123,13 @@ def _sliding_window(hf: dict, mtype: str, where: str) -> tuple[int | None, list[
     """(window, per-layer types) from an HF config: Mistral slides in every layer when
     `sliding_window` is set; Qwen2-family configs only with `use_sliding_window`, in the layers
     `layer_types` (or `max_window_layers`) name."""
-    if hf.get("sliding_window") is None or not hf.get("use_sliding_window", mtype in ("mistral", "gemma2")):
+    if hf.get("sliding_window") is None or not hf.get("use_sliding_window", mtype in ("mistral",) + GEMMA):
         return None, None
     window = _int(hf, "sliding_window", where, high=1 << 30)
     types = hf.get("layer_types")
-    if types is None and mtype == "gemma2":  # configs before transformers 5: even layers slide
-        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(_int(hf, "num_hidden_layers", where))]
+    if types is None and mtype in GEMMA:  # configs before transformers 5: the layers' pattern
+        every = _int(hf, "sliding_window_pattern", where, 6) if mtype == "gemma3_text" else 2
+        types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(_int(hf, "num_hidden_layers", where))]
     if types is None and mtype != "mistral" and hf.get("max_window_layers") is not None:
         n = _int(hf, "num_hidden_layers", where, high=1 << 12)
         first = _int(hf, "max_window_layers", where, high=1 << 12)
@@ -137,9 +146,9 @@ def _sliding_window(hf: dict, mtype: str, where: str) -> tuple[int | None, list[
     return window, types
 
 
-def _gemma(hf: dict, where: str) -> dict:
-    """Gemma 2's Config fields: (1 + w) norms on both sides of attention and MLP, scaled
-    embeddings, soft-capped attention scores and logits, its own attention scale."""
+def _gemma(hf: dict, where: str, mtype: str) -> dict:
+    """Gemma 2 and 3's Config fields: (1 + w) norms on both sides of attention and MLP, scaled
+    embeddings, soft-capped attention scores and logits (Gemma 2), its own attention scale."""
     def cap(key):
         return _float(hf, key, where, None) if hf.get(key) is not None else None
 
@@ -154,13 +163,20 @@ def _whole(x: float) -> int | float:
 
 
 def _gemma_to_hf(cfg: Config) -> dict:
-    if not (cfg.norm_unit_offset and cfg.embed_scale and cfg.activation == "gelu_tanh") or cfg.attention_bias or cfg.qk_norm or cfg.is_moe:
-        raise LmforgeError("an HF config for sandwich norms needs Gemma 2's other features too ((1 + w) norms, scaled "
-                           "embeddings, GeGLU; no biases, q/k norms or experts)")
-    return dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_activation="gelu_pytorch_tanh",
-                query_pre_attn_scalar=_whole(cfg.query_pre_attn_scalar or cfg.head_dim), attn_logit_softcapping=cfg.attn_logit_softcap,
-                final_logit_softcapping=cfg.final_logit_softcap, sliding_window=cfg.sliding_window or cfg.max_seq_len,
-                layer_types=[("sliding_attention" if cfg.window(i) else "full_attention") for i in range(cfg.n_layers)])
+    """Gemma 2 (soft-caps, no q/k norms) or Gemma 3 text (q/k norms, a local RoPE base)."""
+    if not (cfg.norm_unit_offset and cfg.embed_scale and cfg.activation == "gelu_tanh") or cfg.attention_bias or cfg.is_moe:
+        raise LmforgeError("an HF config for sandwich norms needs Gemma's other features too ((1 + w) norms, scaled "
+                           "embeddings, GeGLU; no biases or experts)")
+    out = dict(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=_whole(cfg.query_pre_attn_scalar or cfg.head_dim),
+               attn_logit_softcapping=cfg.attn_logit_softcap, final_logit_softcapping=cfg.final_logit_softcap,
+               sliding_window=cfg.sliding_window or cfg.max_seq_len,
+               layer_types=[("sliding_attention" if cfg.window(i) else "full_attention") for i in range(cfg.n_layers)])
+    if not cfg.qk_norm:
+        return dict(out, architectures=["Gemma2ForCausalLM"], model_type="gemma2")
+    local = cfg.rope_local_theta or cfg.rope_theta
+    full = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+    return dict(out, architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", rope_local_base_freq=local,
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": local}, "full_attention": full})
 
 
 def config_to_hf(cfg: Config) -> dict:
