@@ -115,12 +115,16 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if not cap else torch.tanh(x / cap) * cap
 
 
-def rope_inv_freq(cfg: Config) -> torch.Tensor:
-    """Inverse frequencies for rotate-half RoPE, with the scaling schemes HF configs use."""
+def rope_inv_freq(cfg: Config, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies for rotate-half RoPE, with the scaling schemes HF configs use.
+    `long`: LongRoPE's factors for sequences past the original context (else its short ones)."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type"))
+    if kind == "longrope":  # Phi-3: one rescaling factor per frequency
+        ext = torch.tensor(sc["long_factor"] if long else sc["short_factor"], dtype=torch.float32)
+        return 1.0 / (ext * cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     if kind == "llama3":
         factor = sc["factor"]
         low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
@@ -135,8 +139,21 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
     elif kind == "linear":
         inv_freq = inv_freq / sc["factor"]
     elif kind not in (None, "default"):
-        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3, longrope)")
     return inv_freq
+
+
+def rope_attention_factor(cfg: Config) -> float:
+    """LongRoPE's scale of cos and sin (so of q.k by its square): sqrt(1 + ln(s) / ln(original
+    context)), s = the context's stretch; 1 for every other scheme."""
+    sc = cfg.rope_scaling or {}
+    if sc.get("rope_type", sc.get("type")) != "longrope":
+        return 1.0
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+    original = sc["original_max_position_embeddings"]
+    stretch = sc.get("factor") or cfg.max_seq_len / original
+    return 1.0 if stretch <= 1.0 else math.sqrt(1 + math.log(stretch) / math.log(original))
 
 
 def local_inv_freq(cfg: Config) -> torch.Tensor:
@@ -350,6 +367,18 @@ class Transformer(nn.Module):
         p = self.model.embed_tokens.weight  # always dense (a quantized head's weight is computed)
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, device=p.device, dtype=dtype or p.dtype)
 
+    def _rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for `positions`; LongRoPE switches to its long factors once a position passes
+        the original context (as transformers does, for the whole call) and scales both."""
+        sc = self.cfg.rope_scaling or {}
+        if sc.get("rope_type", sc.get("type")) != "longrope":
+            return rope_cos_sin(self.inv_freq, positions, dtype)
+        long = int(positions.max()) + 1 > sc["original_max_position_embeddings"]
+        inv = rope_inv_freq(self.cfg, long).to(self.inv_freq.device) if long else self.inv_freq
+        f = rope_attention_factor(self.cfg)
+        cos, sin = rope_cos_sin(inv, positions, torch.float32)
+        return (cos * f).to(dtype), (sin * f).to(dtype)
+
     def _windowed_mask(self, mask, positions, cache, S: int):
         """`mask` (None = plain causal) narrowed to each query's window: key k is visible from
         query q only when pos(q) - pos(k) < sliding_window. None when no layer has a window."""
@@ -440,7 +469,7 @@ class Transformer(nn.Module):
                 mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
                 # a query on a padding position would see no key: let it see itself (ignored anyway)
                 mask = mask | torch.eye(T, dtype=torch.bool, device=idx.device)[None, None]
-        rope = {None: rope_cos_sin(self.inv_freq, positions, x.dtype)}
+        rope = {None: self._rope(positions, x.dtype)}
         if self.cfg.rope_local_theta:  # sliding layers turn at their own base
             rope["local"] = rope_cos_sin(local_inv_freq(self.cfg).to(self.inv_freq.device), positions, x.dtype)
         windowed = self._windowed_mask(mask, positions, cache, S if cache is not None else T)

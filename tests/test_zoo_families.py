@@ -92,8 +92,20 @@ def gemma3():
     return sharpen(randomize_norms(transformers.Gemma3ForCausalLM(cfg).eval()), 2.0)
 
 
+def phi3(window: int | None = 10):
+    """Phi-3: fused q|k|v and gate|up weights, LongRoPE (short factors up to the original 48
+    positions, long ones and an attention factor past them), a sliding window."""
+    head = SIZES["hidden_size"] // SIZES["num_attention_heads"]
+    cfg = transformers.Phi3Config(vocab_size=256, original_max_position_embeddings=48, sliding_window=window, pad_token_id=0,
+                                  rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.3 * i for i in range(head // 2)],
+                                                "long_factor": [2.0 + 0.7 * i for i in range(head // 2)]},
+                                  **{**SIZES, "max_position_embeddings": 192})
+    torch.manual_seed(6)
+    return sharpen(randomize_norms(transformers.Phi3ForCausalLM(cfg).eval()))
+
+
 FAMILIES = {"mistral-window-8": mistral, "qwen2-mixed-windows": qwen2_mixed_windows, "qwen3": qwen3, "qwen3-moe": qwen3_moe,
-            "gemma2": gemma2, "gemma3": gemma3}
+            "gemma2": gemma2, "gemma3": gemma3, "phi3": phi3}
 DENSE = [f for f in FAMILIES if "moe" not in f]  # PEFT cannot target transformers-5's fused expert weights
 # with the default tokenizer's vocabulary, for GGUF files (a GGUF carries its tokenizer)
 GGUF_FAMILIES = {"mistral-window-5": lambda: mistral(window=5, vocab=49152, tie_word_embeddings=True),
@@ -110,6 +122,16 @@ def test_logits_equal_transformers_past_the_window(family):
     with torch.no_grad():
         diff = (ours(ids) - ref(ids).logits).abs().max().item()
     assert diff <= 1e-4, diff
+
+
+def test_phi3_long_factors_past_the_original_context():
+    """Past 48 positions LongRoPE's long factors and attention factor apply (to the whole call,
+    as transformers does): a 60-token prompt."""
+    ref = phi3()
+    ours = _ours_from(ref)
+    ids = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -238,13 +260,13 @@ def test_info_names_the_family_and_its_features(family, says, tmp_path, capsys):
 def test_an_unsupported_family_is_one_line_naming_it(tmp_path, capsys):
     from conftest import run_cli
 
-    cfg = transformers.Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    transformers.Phi3ForCausalLM(cfg).save_pretrained(tmp_path / "p")
-    r = run_cli(capsys, "info", "--model", str(tmp_path / "p"))
+    cfg = transformers.Olmo2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    transformers.Olmo2ForCausalLM(cfg).save_pretrained(tmp_path / "o")
+    r = run_cli(capsys, "info", "--model", str(tmp_path / "o"))
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1
-    assert "unsupported architecture 'phi3'" in r.stderr and "gemma2" in r.stderr
+    assert "unsupported architecture 'olmo2'" in r.stderr and "phi3" in r.stderr
 
 
 def test_training_losses_see_the_capped_logits():
@@ -264,3 +286,28 @@ def test_training_losses_see_the_capped_logits():
         sft = lm_loss_sum(h, ours.lm_head.weight, targets.flatten(), chunk=7, cap=ours.cfg.final_logit_softcap) / targets.numel()
         assert torch.allclose(sft, want, atol=1e-5)
         assert not torch.allclose(lm_loss_sum(h, ours.lm_head.weight, targets.flatten()) / targets.numel(), want, atol=1e-3)
+
+
+def test_phi3_adapters_round_trip_through_peft(tmp_path):
+    """Ours -> PEFT is tested above; a PEFT adapter on Phi-3's fused layers loads into lmforge's
+    separate ones with equal outputs, and so does our own saved (fused) adapter."""
+    peft = pytest.importorskip("peft")
+    from lmforge.finetune.lora import load_adapter
+    from lmforge.loading import load_model
+
+    ref = phi3()
+    ref.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=6, target_modules=["qkv_proj", "gate_up_proj", "o_proj"],
+                                                  task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    pm.eval().save_pretrained(str(tmp_path / "peft"))
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(12))
+    ours = load_model(str(tmp_path / "base"))[0]
+    load_adapter(ours, tmp_path / "peft")
+    with torch.no_grad():
+        want = pm(ids).logits
+        assert (ours(ids) - want).abs().max().item() <= 1e-4 * want.abs().max().item()

@@ -11,7 +11,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.model import Config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text", "phi3")
 GEMMA = ("gemma2", "gemma3_text")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 # lmforge-only MoE settings kept in config.json["lmforge"]; n_shared_experts is not: the HF config says it
@@ -65,9 +65,11 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in ("linear", "llama3", "default"):
-            raise LmforgeError(f"unsupported rope scaling '{kind}' in {where} (supported: linear, llama3)")
-        scaling = None if kind == "default" else dict(scaling)
+        if kind not in ("linear", "llama3", "default", "longrope", "su"):
+            raise LmforgeError(f"unsupported rope scaling '{kind}' in {where} (supported: linear, llama3, longrope)")
+        scaling = None if kind == "default" else _longrope(dict(scaling), hf, where) if kind in ("longrope", "su") else dict(scaling)
+    if float((hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise LmforgeError(f"unsupported in {where}: partial_rotary_factor (RoPE on part of each head)")
     sliding, layer_types = _sliding_window(hf, mtype, where)
     max_pos = _int(hf, "max_position_embeddings", where, 2048)
     n_heads = _int(hf, "num_attention_heads", where, high=1 << 16)
@@ -123,7 +125,7 @@ def _sliding_window(hf: dict, mtype: str, where: str) -> tuple[int | None, list[
     """(window, per-layer types) from an HF config: Mistral slides in every layer when
     `sliding_window` is set; Qwen2-family configs only with `use_sliding_window`, in the layers
     `layer_types` (or `max_window_layers`) name."""
-    if hf.get("sliding_window") is None or not hf.get("use_sliding_window", mtype in ("mistral",) + GEMMA):
+    if hf.get("sliding_window") is None or not hf.get("use_sliding_window", mtype in ("mistral", "phi3") + GEMMA):
         return None, None
     window = _int(hf, "sliding_window", where, high=1 << 30)
     types = hf.get("layer_types")
@@ -155,6 +157,53 @@ def _gemma(hf: dict, where: str, mtype: str) -> dict:
     return dict(norm_unit_offset=True, sandwich_norms=True, embed_scale=True, attn_logit_softcap=cap("attn_logit_softcapping"),
                 final_logit_softcap=cap("final_logit_softcapping"),
                 query_pre_attn_scalar=_float(hf, "query_pre_attn_scalar", where, None) if hf.get("query_pre_attn_scalar") else None)
+
+
+def _longrope(sc: dict, hf: dict, where: str) -> dict:
+    """Phi-3's LongRoPE ("su" in older configs) with what it needs in one place: both factor
+    lists and the original context (top-level in Phi-3 configs)."""
+    original = sc.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+    if original is None or not sc.get("short_factor") or not sc.get("long_factor"):
+        raise LmforgeError(f"{where}: longrope scaling needs short_factor, long_factor and original_max_position_embeddings")
+    out = {"rope_type": "longrope", "short_factor": [float(x) for x in sc["short_factor"]],
+           "long_factor": [float(x) for x in sc["long_factor"]], "original_max_position_embeddings": int(original)}
+    for key in ("factor", "attention_factor"):
+        if sc.get(key) is not None:
+            out[key] = float(sc[key])
+    return out
+
+
+def split_fused(state: dict, cfg: Config) -> dict:
+    """Phi-3's fused q|k|v and gate|up weights -> the separate layers of lmforge's one model."""
+    out = {}
+    q, kv, ff = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
+    for key, t in state.items():
+        if key.endswith("self_attn.qkv_proj.weight"):
+            stem = key[: -len("qkv_proj.weight")]
+            out[stem + "q_proj.weight"], out[stem + "k_proj.weight"], out[stem + "v_proj.weight"] = t.split([q, kv, kv])
+        elif key.endswith("mlp.gate_up_proj.weight"):
+            stem = key[: -len("gate_up_proj.weight")]
+            out[stem + "gate_proj.weight"], out[stem + "up_proj.weight"] = t.split([ff, ff])
+        else:
+            out[key] = t
+    return out
+
+
+def join_fused(state: dict) -> dict:
+    """The inverse of `split_fused`, for a Phi-3 folder."""
+    out = {}
+    for key, t in state.items():
+        if key.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.up_proj.weight")):
+            continue
+        if key.endswith("self_attn.q_proj.weight"):
+            stem = key[: -len("q_proj.weight")]
+            out[stem + "qkv_proj.weight"] = torch.cat([t, state[stem + "k_proj.weight"], state[stem + "v_proj.weight"]])
+        elif key.endswith("mlp.gate_proj.weight"):
+            stem = key[: -len("gate_proj.weight")]
+            out[stem + "gate_up_proj.weight"] = torch.cat([t, state[stem + "up_proj.weight"]])
+        else:
+            out[key] = t
+    return out
 
 
 def _whole(x: float) -> int | float:
@@ -204,6 +253,14 @@ def config_to_hf(cfg: Config) -> dict:
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
     }
+    if cfg.extra.get("model_type") == "phi3":
+        if cfg.attention_bias or cfg.mlp_bias or cfg.qk_norm or cfg.is_moe or cfg.sandwich_norms or cfg.layer_types:
+            raise LmforgeError("a Phi-3 config cannot hold biases, q/k norms, experts, sandwich norms or per-layer windows")
+        sc = dict(cfg.rope_scaling or {})
+        hf.update(architectures=["Phi3ForCausalLM"], model_type="phi3", sliding_window=cfg.sliding_window,
+                  original_max_position_embeddings=sc.pop("original_max_position_embeddings", cfg.max_seq_len),
+                  rope_scaling=({**sc, "type": "longrope"} if sc else None))
+        return hf
     if cfg.sandwich_norms:
         hf.update(_gemma_to_hf(cfg))
         hf.pop("hidden_act")
@@ -344,6 +401,8 @@ def save_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = N
         from lmforge.moe import lmforge_state_to_hf  # Mixtral / Qwen2-MoE expert keys
 
         state = lmforge_state_to_hf(state, cfg)
+    if cfg.extra.get("model_type") == "phi3":
+        state = join_fused(state)
     hf = config_to_hf(cfg)
     if dtype is not None:
         hf["torch_dtype"] = str(dtype).replace("torch.", "")

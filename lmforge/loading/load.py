@@ -102,6 +102,10 @@ def build_model(cfg: Config, state: dict, device="cpu") -> Transformer:
         from lmforge.moe import hf_state_to_lmforge  # Mixtral-style keys -> our module names
 
         state = hf_state_to_lmforge(state, cfg)
+    if any(k.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for k in state):
+        from lmforge.loading.hf import split_fused  # Phi-3's fused layers -> ours
+
+        state = split_fused(state, cfg)
     wanted = set(model.state_dict()) - {f"{name}.weight" for name in blocks}
     missing, unexpected = wanted - set(state), set(state) - wanted
     if missing or unexpected:
