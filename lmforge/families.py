@@ -10,7 +10,7 @@ from lmforge.model import Config
 
 # HF model_type / GGUF architecture lmforge reads -> the family's name
 FAMILIES = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral",
-            "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3", "phi3": "Phi-3"}
+            "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3", "phi3": "Phi-3", "olmo2": "OLMo 2"}
 
 
 def family(cfg: Config) -> str:
@@ -19,6 +19,8 @@ def family(cfg: Config) -> str:
         return FAMILIES[source]
     if cfg.sandwich_norms:
         return "Gemma 3" if cfg.qk_norm else "Gemma 2"
+    if cfg.post_norms:
+        return "OLMo 2"
     if cfg.is_moe:
         return "Qwen2-MoE" if cfg.n_shared_experts else "Qwen3-MoE" if cfg.qk_norm else "Mixtral"
     if cfg.qk_norm:
@@ -38,8 +40,10 @@ def features(cfg: Config) -> list[str]:
         slides = sum(cfg.window(i) is not None for i in range(cfg.n_layers))
         where = "every layer" if slides == cfg.n_layers else f"{slides} of {cfg.n_layers} layers"
         out.append(f"sliding-window attention ({cfg.sliding_window} positions, {where})")
+    if cfg.post_norms:
+        out.append("norms after attention and MLP only")
     if cfg.qk_norm:
-        out.append("RMSNorm of each query and key head")
+        out.append("RMSNorm of the whole query and key projections" if cfg.qk_norm_whole else "RMSNorm of each query and key head")
     if cfg.attention_bias:
         out.append("q/k/v biases")
     if cfg.sandwich_norms:
@@ -69,11 +73,17 @@ def support(cfg: Config) -> dict[str, str]:
         gguf_out = "no (q/k norms with biases)"
     elif cfg.sandwich_norms or cfg.norm_unit_offset or cfg.activation != "silu":
         gguf_out = "no (Gemma-style layers)"
+    elif cfg.post_norms:
+        gguf_out = "no (OLMo 2-style norms)"
     fast = "yes"
     if cfg.is_moe:
         fast = "no (mixture of experts: general engine)"
     elif cfg.sandwich_norms or cfg.attn_logit_softcap or cfg.final_logit_softcap:
         fast = "no (Gemma-style layers: general engine)"
+    elif cfg.post_norms:
+        fast = "no (OLMo 2-style norms: general engine)"
+    elif (cfg.rope_scaling or {}).get("rope_type") == "longrope":
+        fast = "no (LongRoPE: general engine)"
     return {
         "run (CLI, Python API, server)": "yes",
         "fast single-sequence decoder (and native GGUF step on CPU)": fast,

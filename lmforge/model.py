@@ -48,6 +48,8 @@ class Config:
     activation: str = "silu"
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight), weights stored around 0
     sandwich_norms: bool = False  # attention and MLP outputs normed too (pre and post norms)
+    post_norms: bool = False  # OLMo 2: only the attention and MLP outputs are normed, not their inputs
+    qk_norm_whole: bool = False  # OLMo 2: the q/k norms span all heads together, not each head
     embed_scale: bool = False  # embeddings times sqrt(d_model)
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
@@ -222,16 +224,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
         if cfg.qk_norm:
-            self.q_norm = norm(cfg, hd)
-            self.k_norm = norm(cfg, hd)
+            self.q_norm = norm(cfg, hd * (cfg.n_heads if cfg.qk_norm_whole else 1))
+            self.k_norm = norm(cfg, hd * (cfg.n_kv_heads if cfg.qk_norm_whole else 1))
 
     def forward(self, x, cos, sin, mask, layer_cache=None):
         """x [B, T, C]; mask: bool [B, 1, T, S] (True = may attend) or None for plain causal."""
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
+        q, k = self.q_proj(x), self.k_proj(x)
+        if cfg.qk_norm and cfg.qk_norm_whole:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, cfg.n_heads, cfg.head_dim)
+        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm and not cfg.qk_norm_whole:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -288,18 +293,23 @@ class Block(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.input_layernorm = norm(cfg)
+        if not cfg.post_norms:
+            self.input_layernorm = norm(cfg)
         self.self_attn = Attention(cfg)
         # LLaMA: the norm before the MLP. With sandwich norms (Gemma) HF's same name is the norm
         # of the attention's output, and the MLP gets a norm on each side.
         self.post_attention_layernorm = norm(cfg)
-        self.sandwich = cfg.sandwich_norms
+        self.sandwich, self.post = cfg.sandwich_norms, cfg.post_norms
         if self.sandwich:
             self.pre_feedforward_layernorm = norm(cfg)
+        if self.sandwich or self.post:
             self.post_feedforward_layernorm = norm(cfg)
         self.mlp = make_mlp(cfg)
 
     def forward(self, x, cos, sin, mask, layer_cache=None):
+        if self.post:  # OLMo 2
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, layer_cache))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
         if self.sandwich:
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))

@@ -104,8 +104,15 @@ def phi3(window: int | None = 10):
     return sharpen(randomize_norms(transformers.Phi3ForCausalLM(cfg).eval()))
 
 
+def olmo2():
+    """OLMo 2: norms after attention and MLP only, RMSNorm of the whole q and k projections."""
+    cfg = transformers.Olmo2Config(vocab_size=256, pad_token_id=0, eos_token_id=1, **SIZES)
+    torch.manual_seed(7)
+    return sharpen(randomize_norms(transformers.Olmo2ForCausalLM(cfg).eval()))
+
+
 FAMILIES = {"mistral-window-8": mistral, "qwen2-mixed-windows": qwen2_mixed_windows, "qwen3": qwen3, "qwen3-moe": qwen3_moe,
-            "gemma2": gemma2, "gemma3": gemma3, "phi3": phi3}
+            "gemma2": gemma2, "gemma3": gemma3, "phi3": phi3, "olmo2": olmo2}
 DENSE = [f for f in FAMILIES if "moe" not in f]  # PEFT cannot target transformers-5's fused expert weights
 # with the default tokenizer's vocabulary, for GGUF files (a GGUF carries its tokenizer)
 GGUF_FAMILIES = {"mistral-window-5": lambda: mistral(window=5, vocab=49152, tie_word_embeddings=True),
@@ -260,13 +267,12 @@ def test_info_names_the_family_and_its_features(family, says, tmp_path, capsys):
 def test_an_unsupported_family_is_one_line_naming_it(tmp_path, capsys):
     from conftest import run_cli
 
-    cfg = transformers.Olmo2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    transformers.Olmo2ForCausalLM(cfg).save_pretrained(tmp_path / "o")
-    r = run_cli(capsys, "info", "--model", str(tmp_path / "o"))
+    cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "g")
+    r = run_cli(capsys, "info", "--model", str(tmp_path / "g"))
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1
-    assert "unsupported architecture 'olmo2'" in r.stderr and "phi3" in r.stderr
+    assert "unsupported architecture 'gpt2'" in r.stderr and "olmo2" in r.stderr
 
 
 def test_training_losses_see_the_capped_logits():

@@ -124,6 +124,8 @@ def unsupported_reason(model) -> str | None:
         return "mixture-of-experts model"
     if (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type")) == "longrope":
         return "LongRoPE scaling (the general engine runs it)"
+    if cfg.post_norms or cfg.qk_norm_whole:
+        return "OLMo 2-style norms (the general engine runs them)"
     if (cfg.sandwich_norms or cfg.norm_unit_offset or cfg.activation != "silu" or cfg.embed_scale or cfg.attn_logit_softcap
             or cfg.final_logit_softcap or cfg.query_pre_attn_scalar):
         return "Gemma-style layers (the general engine runs them)"

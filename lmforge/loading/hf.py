@@ -11,7 +11,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.model import Config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "olmo2")
 GEMMA = ("gemma2", "gemma3_text")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 # lmforge-only MoE settings kept in config.json["lmforge"]; n_shared_experts is not: the HF config says it
@@ -108,7 +108,9 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         layer_types=layer_types,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", mtype in ("qwen2", "qwen2_moe"))),
-        qk_norm=mtype in ("qwen3", "qwen3_moe", "gemma3_text"),
+        qk_norm=mtype in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2"),
+        post_norms=mtype == "olmo2",
+        qk_norm_whole=mtype == "olmo2",
         activation=_ACTIVATIONS[act],
         **(_gemma(hf, where, mtype) if mtype in GEMMA else {}),
         rope_local_theta=_float({"t": local_theta}, "t", where, None) if local_theta else None,
@@ -253,6 +255,11 @@ def config_to_hf(cfg: Config) -> dict:
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
     }
+    if cfg.post_norms or cfg.qk_norm_whole:
+        if not (cfg.post_norms and cfg.qk_norm and cfg.qk_norm_whole) or cfg.attention_bias or cfg.is_moe or cfg.sliding_window:
+            raise LmforgeError("an HF config for post norms needs OLMo 2's whole-projection q/k norms (and no biases, experts or windows)")
+        hf.update(architectures=["Olmo2ForCausalLM"], model_type="olmo2")
+        return hf
     if cfg.extra.get("model_type") == "phi3":
         if cfg.attention_bias or cfg.mlp_bias or cfg.qk_norm or cfg.is_moe or cfg.sandwich_norms or cfg.layer_types:
             raise LmforgeError("a Phi-3 config cannot hold biases, q/k norms, experts, sandwich norms or per-layer windows")
