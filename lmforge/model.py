@@ -55,6 +55,7 @@ class Config:
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this) instead of 1/sqrt(head_dim)
     rope_local_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (no scaling there)
+    rope_layers: list[bool] | None = None  # SmolLM3: which layers rotate q/k (the others: no positions, "NoPE")
     mlp_bias: bool = False
     # Mixture of Experts: n_experts == 0 means a dense SwiGLU MLP in every layer.
     n_experts: int = 0
@@ -82,6 +83,9 @@ class Config:
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
+
+    def uses_rope(self, layer: int) -> bool:
+        return self.rope_layers is None or bool(self.rope_layers[layer])
 
     def window(self, layer: int) -> int | None:
         """The attention window of `layer` (None: it sees every earlier position)."""
@@ -215,9 +219,10 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, layer: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.rope = cfg.uses_rope(layer)
         hd = cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
@@ -240,7 +245,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is not None:
             k, v = layer_cache(k, v)
         groups = cfg.n_heads // cfg.n_kv_heads
@@ -291,11 +297,11 @@ class Block(nn.Module):
     # reused by every layer, so compile time does not grow with depth) and FSDP2 shards by them.
     compile_unit = True
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, layer: int = 0):
         super().__init__()
         if not cfg.post_norms:
             self.input_layernorm = norm(cfg)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         # LLaMA: the norm before the MLP. With sandwich norms (Gemma) HF's same name is the norm
         # of the attention's output, and the MLP gets a norm on each side.
         self.post_attention_layernorm = norm(cfg)
@@ -340,7 +346,7 @@ class Transformer(nn.Module):
         self.model = nn.ModuleDict(
             dict(
                 embed_tokens=nn.Embedding(cfg.vocab_size, cfg.d_model),
-                layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
+                layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers)),
                 norm=norm(cfg),
             )
         )

@@ -111,12 +111,21 @@ def olmo2():
     return sharpen(randomize_norms(transformers.Olmo2ForCausalLM(cfg).eval()))
 
 
+def smollm3(vocab: int = 256, **kw):
+    """SmolLM3: LLaMA layers, every 4th without RoPE ("NoPE"), tied embeddings."""
+    cfg = transformers.SmolLM3Config(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2, no_rope_layer_interval=2,
+                                     rope_theta=10000.0, **{**SIZES, "num_hidden_layers": 4, **kw})
+    torch.manual_seed(8)
+    return sharpen(randomize_norms(transformers.SmolLM3ForCausalLM(cfg).eval()))
+
+
 FAMILIES = {"mistral-window-8": mistral, "qwen2-mixed-windows": qwen2_mixed_windows, "qwen3": qwen3, "qwen3-moe": qwen3_moe,
-            "gemma2": gemma2, "gemma3": gemma3, "phi3": phi3, "olmo2": olmo2}
+            "gemma2": gemma2, "gemma3": gemma3, "phi3": phi3, "olmo2": olmo2, "smollm3": smollm3}
 DENSE = [f for f in FAMILIES if "moe" not in f]  # PEFT cannot target transformers-5's fused expert weights
 # with the default tokenizer's vocabulary, for GGUF files (a GGUF carries its tokenizer)
 GGUF_FAMILIES = {"mistral-window-5": lambda: mistral(window=5, vocab=49152, tie_word_embeddings=True),
                  "qwen3": lambda: qwen3(vocab=49152)}
+
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -201,7 +210,7 @@ def test_gguf_round_trip(family, tmp_path, tokenizer):
         assert (back(ids) - want).abs().max().item() <= 2e-3 * want.abs().max().item()  # f16 weights
 
 
-@pytest.mark.parametrize("family", GGUF_FAMILIES)
+@pytest.mark.parametrize("family", list(GGUF_FAMILIES) + ["nope-layers"])
 def test_the_native_step_runs_the_family(family, monkeypatch, tmp_path, tokenizer):
     """GGUF blocks of each family: the one-call native step, the layer-by-layer fast decoder
     and the plain forward agree at every position (past the window, through the q/k norms)."""
@@ -213,9 +222,13 @@ def test_the_native_step_runs_the_family(family, monkeypatch, tmp_path, tokenize
     from lmforge.export.gguf import write_gguf
     from lmforge.fast.decode import FastDecoder
 
-    ours = _ours_from(GGUF_FAMILIES[family]())
+    ours = _ours_from(GGUF_FAMILIES.get(family, GGUF_FAMILIES["qwen3"])())
     lm = lmforge.load(str(write_gguf(ours, tokenizer, tmp_path / "m.gguf", "q8_0")), quant="auto", device="cpu")
     assert lm.model.quant == "gguf"
+    if family == "nope-layers":  # SmolLM3's layers without RoPE (its GGUF export is not there yet)
+        lm.model.cfg.rope_layers = [True, False, True]
+        for i, layer in enumerate(lm.model.model.layers):
+            layer.self_attn.rope = lm.model.cfg.uses_rope(i)
     ids = torch.randint(0, 49152, (16,), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         full = lm.model(ids[None])[0]

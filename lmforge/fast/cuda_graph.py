@@ -188,7 +188,9 @@ class GraphDecoder:
 
             qk_norm_(qkv, f.qk_norms[li], H, KV, D, f.eps)
         qk = qkv[:, : (H + KV) * D].view(1, H + KV, D // 2, 2)  # interleaved (re, im) pairs
-        if f.dtype != torch.float32:
+        if not f.ropes[li]:
+            pass  # a NoPE layer
+        elif f.dtype != torch.float32:
             qk.copy_(torch.view_as_real(torch.view_as_complex(qk.float()) * freqs))
         else:
             torch.view_as_complex(qk).mul_(freqs)

@@ -181,11 +181,13 @@ class FastDecoder:
             self.layers = [shared.layers[i] for i in layer_ids]
             self.windows = [shared.windows[i] for i in layer_ids]
             self.qk_norms = [shared.qk_norms[i] for i in layer_ids]
+            self.ropes = [shared.ropes[i] for i in layer_ids]
             self.final_norm, self.head, self.inv_freq = shared.final_norm, shared.head, shared.inv_freq
         else:
             qo, ko = interleave_order(H, D), interleave_order(KV, D)
             self.layers = []
             self.windows = [cfg.window(i) for i in range(cfg.n_layers) if layer_ids is None or i in layer_ids]
+            self.ropes = [cfg.uses_rope(i) for i in range(cfg.n_layers) if layer_ids is None or i in layer_ids]
             self.qk_norms = []  # per layer: (q, k) RMSNorm weights in the interleaved order, or None
             head_order = interleave_order(1, D)
             for i, blk in enumerate(model.model.layers):
@@ -222,6 +224,7 @@ class FastDecoder:
         d.layers = [self.layers[i] for i in layer_ids]
         d.windows = [self.windows[i] for i in layer_ids]
         d.qk_norms = [self.qk_norms[i] for i in layer_ids]
+        d.ropes = [self.ropes[i] for i in layer_ids]
         d.kv, d.freqs, d.capacity, d.pos = None, None, 0, 0
         d._native = False
         return d
@@ -271,7 +274,9 @@ class FastDecoder:
             if self.qk_norms[li] is not None:
                 qk_norm_(qkv, self.qk_norms[li], H, KV, D, self.eps)
             qk = qkv[:, : (H + KV) * D].view(T, H + KV, D // 2, 2)
-            if half:
+            if not self.ropes[li]:
+                pass  # a NoPE layer (SmolLM3): q and k carry no position
+            elif half:
                 qk.copy_(torch.view_as_real(torch.view_as_complex(qk.float()) * freqs))
             else:
                 torch.view_as_complex(qk).mul_(freqs)

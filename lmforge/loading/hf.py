@@ -11,7 +11,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.model import Config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "olmo2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3")
 GEMMA = ("gemma2", "gemma3_text")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 # lmforge-only MoE settings kept in config.json["lmforge"]; n_shared_experts is not: the HF config says it
@@ -110,6 +110,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         attention_bias=bool(hf.get("attention_bias", mtype in ("qwen2", "qwen2_moe"))),
         qk_norm=mtype in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2"),
         post_norms=mtype == "olmo2",
+        rope_layers=_rope_layers(hf, mtype, where),
         qk_norm_whole=mtype == "olmo2",
         activation=_ACTIVATIONS[act],
         **(_gemma(hf, where, mtype) if mtype in GEMMA else {}),
@@ -159,6 +160,17 @@ def _gemma(hf: dict, where: str, mtype: str) -> dict:
     return dict(norm_unit_offset=True, sandwich_norms=True, embed_scale=True, attn_logit_softcap=cap("attn_logit_softcapping"),
                 final_logit_softcap=cap("final_logit_softcapping"),
                 query_pre_attn_scalar=_float(hf, "query_pre_attn_scalar", where, None) if hf.get("query_pre_attn_scalar") else None)
+
+
+def _rope_layers(hf: dict, mtype: str, where: str) -> list[bool] | None:
+    """SmolLM3's `no_rope_layers` (despite its name: 1 = the layer uses RoPE) as lmforge's
+    `rope_layers`; None when every layer rotates."""
+    flags = hf.get("no_rope_layers") if mtype == "smollm3" else None
+    if flags is None:
+        return None
+    if len(flags) != hf.get("num_hidden_layers") or any(f not in (0, 1, True, False) for f in flags):
+        raise LmforgeError(f"{where}: no_rope_layers must hold a 0 or 1 for each of the {hf.get('num_hidden_layers')} layers")
+    return None if all(flags) else [bool(f) for f in flags]
 
 
 def _longrope(sc: dict, hf: dict, where: str) -> dict:
@@ -255,6 +267,13 @@ def config_to_hf(cfg: Config) -> dict:
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
     }
+    if cfg.rope_layers is not None:
+        if cfg.attention_bias or cfg.qk_norm or cfg.is_moe or cfg.sandwich_norms or cfg.post_norms:
+            raise LmforgeError("an HF config for layers without RoPE is SmolLM3's, which has no biases, q/k norms, experts or extra norms")
+        hf.update(architectures=["SmolLM3ForCausalLM"], model_type="smollm3", no_rope_layers=[int(f) for f in cfg.rope_layers],
+                  use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window,
+                  layer_types=[("sliding_attention" if cfg.window(i) else "full_attention") for i in range(cfg.n_layers)])
+        return hf
     if cfg.post_norms or cfg.qk_norm_whole:
         if not (cfg.post_norms and cfg.qk_norm and cfg.qk_norm_whole) or cfg.attention_bias or cfg.is_moe or cfg.sliding_window:
             raise LmforgeError("an HF config for post norms needs OLMo 2's whole-projection q/k norms (and no biases, experts or windows)")

@@ -352,6 +352,7 @@ typedef struct {
     const float *freqs;        /* [capacity, head_dim / 2] complex: (cos, sin) pairs */
     const int64_t *windows;    /* [layers]: a sliding window's size, 0 = every position; or NULL */
     const float *q_norm, *k_norm; /* [layers, head_dim]: RMSNorm of each q / k head (Qwen3), or NULL */
+    const int64_t *rope;       /* [layers]: 1 where q/k rotate, 0 in NoPE layers (SmolLM3); or NULL = all */
 } lmf_model;
 
 static int matvec(int t, const uint8_t *w, int64_t rows, int64_t cols, const float *x, float *y, int threads) {
@@ -434,7 +435,7 @@ int lmf_decode_step(const lmf_model *m, int64_t token, int64_t pos, float *logit
         if (m->q_norm)
             for (int64_t hd = 0; hd < H + KV; hd++)
                 rms_norm(qkv + hd * D, (hd < H ? m->q_norm : m->k_norm) + l * D, qkv + hd * D, D, m->eps);
-        for (int64_t i = 0; i < (H + KV) * D; i += 2) { /* rotary: (re, im) pairs times e^{i pos freq} */
+        for (int64_t i = 0; i < (m->rope && !m->rope[l] ? 0 : (H + KV) * D); i += 2) { /* rotary: (re, im) pairs times e^{i pos freq} */
             float c = f[i % D], s = f[i % D + 1], a = qkv[i], b = qkv[i + 1];
             qkv[i] = a * c - b * s;
             qkv[i + 1] = a * s + b * c;

@@ -26,7 +26,7 @@ class _Model(c.Structure):
         ("embed", c.c_void_p), ("norm1", c.c_void_p), ("norm2", c.c_void_p), ("final_norm", c.c_void_p),
         ("qkv_bias", c.c_void_p), ("w", c.c_void_p), ("rows", c.c_void_p), ("types", c.c_void_p),
         ("head", c.c_void_p), ("head_type", c.c_int32), ("kv", c.c_void_p), ("freqs", c.c_void_p), ("windows", c.c_void_p),
-        ("q_norm", c.c_void_p), ("k_norm", c.c_void_p)]
+        ("q_norm", c.c_void_p), ("k_norm", c.c_void_p), ("rope", c.c_void_p)]
 
 
 SLOTS = 7  # q, k, v, o, gate, up, down (q|k|v and gate|up may be one fused matrix each)
@@ -78,6 +78,7 @@ class NativeStep:
             "mods": table, "head": head,
             "windows": torch.tensor([w or 0 for w in fast.windows], dtype=torch.int64),
             "q_norm": None, "k_norm": None,
+            "rope": torch.tensor([int(r) for r in fast.ropes], dtype=torch.int64),
         }
         if fast.qk_norms and fast.qk_norms[0] is not None:
             self.keep["q_norm"] = torch.stack([f32(n[0]) for n in fast.qk_norms])
@@ -91,7 +92,7 @@ class NativeStep:
                         w=ptr.data_ptr(), rows=rows.data_ptr(), types=types.data_ptr(), head=head.blocks.data_ptr(),
                         head_type=head.qtype, kv=None, freqs=None, windows=k["windows"].data_ptr(),
                         q_norm=None if k["q_norm"] is None else k["q_norm"].data_ptr(),
-                        k_norm=None if k["k_norm"] is None else k["k_norm"].data_ptr())
+                        k_norm=None if k["k_norm"] is None else k["k_norm"].data_ptr(), rope=k["rope"].data_ptr())
         self.lib = native.library()
 
     def __call__(self, fast, token: int) -> torch.Tensor:
