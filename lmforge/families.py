@@ -10,7 +10,7 @@ from lmforge.model import Config
 
 # HF model_type / GGUF architecture lmforge reads -> the family's name
 FAMILIES = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral",
-            "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3", "phi3": "Phi-3", "olmo2": "OLMo 2", "smollm3": "SmolLM3"}
+            "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3", "phi3": "Phi-3", "olmo2": "OLMo 2", "smollm3": "SmolLM3", "gpt2": "GPT-2"}
 
 
 def family(cfg: Config) -> str:
@@ -23,6 +23,8 @@ def family(cfg: Config) -> str:
         return "OLMo 2"
     if cfg.rope_layers is not None:
         return "SmolLM3"
+    if cfg.learned_positions:
+        return "GPT-2"
     if cfg.is_moe:
         return "Qwen2-MoE" if cfg.n_shared_experts else "Qwen3-MoE" if cfg.qk_norm else "Mixtral"
     if cfg.qk_norm:
@@ -53,6 +55,8 @@ def features(cfg: Config) -> list[str]:
     for what, cap in (("attention scores", cfg.attn_logit_softcap), ("logits", cfg.final_logit_softcap)):
         if cap:
             out.append(f"{what} soft-capped at {cap:g}")
+    if cfg.learned_positions:
+        out.append("LayerNorm, learned positions, GELU MLP, biases")
     if cfg.rope_layers is not None:
         out.append(f"no positional encoding in {sum(not f for f in cfg.rope_layers)} of {cfg.n_layers} layers (NoPE)")
     if cfg.rope_local_theta:
@@ -81,6 +85,8 @@ def support(cfg: Config) -> dict[str, str]:
         gguf_out = "no (OLMo 2-style norms)"
     elif cfg.rope_layers is not None:
         gguf_out = "no (layers without RoPE)"
+    elif cfg.learned_positions:
+        gguf_out = "no (GPT-2-style layers)"
     fast = "yes"
     if cfg.is_moe:
         fast = "no (mixture of experts: general engine)"
@@ -88,6 +94,8 @@ def support(cfg: Config) -> dict[str, str]:
         fast = "no (Gemma-style layers: general engine)"
     elif cfg.post_norms:
         fast = "no (OLMo 2-style norms: general engine)"
+    elif cfg.learned_positions:
+        fast = "no (GPT-2-style layers: general engine)"
     elif (cfg.rope_scaling or {}).get("rope_type") == "longrope":
         fast = "no (LongRoPE: general engine)"
     return {

@@ -56,6 +56,12 @@ class Config:
     query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this) instead of 1/sqrt(head_dim)
     rope_local_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (no scaling there)
     rope_layers: list[bool] | None = None  # SmolLM3: which layers rotate q/k (the others: no positions, "NoPE")
+    # GPT-2-style layers: LayerNorm (with bias) instead of RMSNorm, learned absolute positions
+    # instead of RoPE, a plain (ungated) MLP, a bias on the attention output.
+    norm_kind: str = "rms"  # "rms" | "layer"
+    learned_positions: bool = False
+    gated_mlp: bool = True
+    attn_out_bias: bool = False
     mlp_bias: bool = False
     # Mixture of Experts: n_experts == 0 means a dense SwiGLU MLP in every layer.
     n_experts: int = 0
@@ -85,6 +91,8 @@ class Config:
         return self.n_experts > 0
 
     def uses_rope(self, layer: int) -> bool:
+        if self.learned_positions:
+            return False
         return self.rope_layers is None or bool(self.rope_layers[layer])
 
     def window(self, layer: int) -> int | None:
@@ -113,7 +121,9 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def norm(cfg: Config, dim: int | None = None) -> RMSNorm:
+def norm(cfg: Config, dim: int | None = None) -> nn.Module:
+    if cfg.norm_kind == "layer":  # GPT-2
+        return nn.LayerNorm(dim or cfg.d_model, eps=cfg.norm_eps)
     return RMSNorm(dim or cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)
 
 
@@ -227,7 +237,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=cfg.attn_out_bias)
         if cfg.qk_norm:
             self.q_norm = norm(cfg, hd * (cfg.n_heads if cfg.qk_norm_whole else 1))
             self.k_norm = norm(cfg, hd * (cfg.n_kv_heads if cfg.qk_norm_whole else 1))
@@ -270,16 +280,20 @@ ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tan
 
 
 class MLP(nn.Module):
-    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU with silu, GeGLU with gelu_tanh."""
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU with silu, GeGLU with gelu_tanh. Ungated
+    (GPT-2): down(act(up(x)))."""
 
-    def __init__(self, d_model: int, d_ff: int, bias: bool = False, activation: str = "silu"):
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False, activation: str = "silu", gated: bool = True):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        if gated:
+            self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
-        self.act = ACTIVATIONS[activation]
+        self.act, self.gated = ACTIVATIONS[activation], gated
 
     def forward(self, x):
+        if not self.gated:
+            return self.down_proj(self.act(self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -289,7 +303,7 @@ def make_mlp(cfg: Config) -> nn.Module:
         from lmforge.moe import MoE  # the MoE block lives beside the trainer's routing logic
 
         return MoE(cfg)
-    return MLP(cfg.d_model, cfg.d_ff, cfg.mlp_bias, cfg.activation)
+    return MLP(cfg.d_model, cfg.d_ff, cfg.mlp_bias, cfg.activation, cfg.gated_mlp)
 
 
 class Block(nn.Module):
@@ -350,6 +364,8 @@ class Transformer(nn.Module):
                 norm=norm(cfg),
             )
         )
+        if cfg.learned_positions:  # GPT-2: a learned vector per position, added to the tokens'
+            self.model.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -485,6 +501,8 @@ class Transformer(nn.Module):
                 mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
                 # a query on a padding position would see no key: let it see itself (ignored anyway)
                 mask = mask | torch.eye(T, dtype=torch.bool, device=idx.device)[None, None]
+        if self.cfg.learned_positions:
+            x = x + self.model.embed_positions(positions)
         rope = {None: self._rope(positions, x.dtype)}
         if self.cfg.rope_local_theta:  # sliding layers turn at their own base
             rope["local"] = rope_cos_sin(local_inv_freq(self.cfg).to(self.inv_freq.device), positions, x.dtype)

@@ -119,9 +119,18 @@ def smollm3(vocab: int = 256, **kw):
     return sharpen(randomize_norms(transformers.SmolLM3ForCausalLM(cfg).eval()))
 
 
+def gpt2():
+    """GPT-2: LayerNorm, learned positions, GELU MLP, Conv1D weights, biases, tied head."""
+    cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=3, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(9)
+    return sharpen(randomize_norms(transformers.GPT2LMHeadModel(cfg).eval()))
+
+
 FAMILIES = {"mistral-window-8": mistral, "qwen2-mixed-windows": qwen2_mixed_windows, "qwen3": qwen3, "qwen3-moe": qwen3_moe,
-            "gemma2": gemma2, "gemma3": gemma3, "phi3": phi3, "olmo2": olmo2, "smollm3": smollm3}
-DENSE = [f for f in FAMILIES if "moe" not in f]  # PEFT cannot target transformers-5's fused expert weights
+            "gemma2": gemma2, "gemma3": gemma3, "phi3": phi3, "olmo2": olmo2, "smollm3": smollm3, "gpt2": gpt2}
+# PEFT cannot target transformers-5's fused expert weights; GPT-2 adapters keep lmforge's layer
+# names (PEFT would want its fused Conv1D c_attn)
+DENSE = [f for f in FAMILIES if "moe" not in f and f != "gpt2"]
 # with the default tokenizer's vocabulary, for GGUF files (a GGUF carries its tokenizer)
 GGUF_FAMILIES = {"mistral-window-5": lambda: mistral(window=5, vocab=49152, tie_word_embeddings=True),
                  "qwen3": lambda: qwen3(vocab=49152)}
@@ -280,12 +289,12 @@ def test_info_names_the_family_and_its_features(family, says, tmp_path, capsys):
 def test_an_unsupported_family_is_one_line_naming_it(tmp_path, capsys):
     from conftest import run_cli
 
-    cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "g")
-    r = run_cli(capsys, "info", "--model", str(tmp_path / "g"))
+    cfg = transformers.FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    transformers.FalconForCausalLM(cfg).save_pretrained(tmp_path / "f")
+    r = run_cli(capsys, "info", "--model", str(tmp_path / "f"))
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1
-    assert "unsupported architecture 'gpt2'" in r.stderr and "olmo2" in r.stderr
+    assert "unsupported architecture 'falcon'" in r.stderr and "gpt2" in r.stderr
 
 
 def test_training_losses_see_the_capped_logits():

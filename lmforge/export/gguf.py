@@ -181,6 +181,8 @@ def write_gguf(model, tokenizer, path, gguf_type: str = "f16") -> Path:
         raise LmforgeError("GGUF export: OLMo 2-style norms are not supported yet")
     if cfg.rope_layers is not None:
         raise LmforgeError("GGUF export: layers without RoPE (SmolLM3) are not supported yet")
+    if cfg.norm_kind != "rms" or cfg.learned_positions or not cfg.gated_mlp or cfg.attn_out_bias:
+        raise LmforgeError("GGUF export: GPT-2-style layers are not supported yet")
     if cfg.sliding_window:  # llama.cpp's key; lmforge reads it back (llama.cpp's llama arch may not)
         w.add_sliding_window(int(cfg.sliding_window))
     if kind == "linear":

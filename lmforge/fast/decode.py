@@ -126,6 +126,8 @@ def unsupported_reason(model) -> str | None:
         return "LongRoPE scaling (the general engine runs it)"
     if cfg.post_norms or cfg.qk_norm_whole:
         return "OLMo 2-style norms (the general engine runs them)"
+    if cfg.norm_kind != "rms" or cfg.learned_positions or not cfg.gated_mlp or cfg.attn_out_bias:
+        return "GPT-2-style layers (the general engine runs them)"
     if (cfg.sandwich_norms or cfg.norm_unit_offset or cfg.activation != "silu" or cfg.embed_scale or cfg.attn_logit_softcap
             or cfg.final_logit_softcap or cfg.query_pre_attn_scalar):
         return "Gemma-style layers (the general engine runs them)"

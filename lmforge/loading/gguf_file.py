@@ -266,8 +266,6 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, blocks: bool
     """(config, state_dict, metadata) with every tensor dequantized to `dtype`; with `blocks`,
     the linear layers' quantized weights stay as the file's blocks instead, as `BlockWeight`
     entries of the state dict (uint8 rows, memory-mapped where no reordering is needed)."""
-    import gguf
-
     path = Path(path)
     meta, tensors = read_gguf_file(path)
     cfg = config_from_gguf(meta, path)

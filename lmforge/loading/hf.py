@@ -11,7 +11,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.model import Config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3", "gpt2")
 GEMMA = ("gemma2", "gemma3_text")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 # lmforge-only MoE settings kept in config.json["lmforge"]; n_shared_experts is not: the HF config says it
@@ -50,6 +50,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
     if mtype not in SUPPORTED_MODEL_TYPES:
         arch = (hf.get("architectures") or ["?"])[0]
         raise LmforgeError(f"unsupported architecture '{mtype or arch}' in {where} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if mtype == "gpt2":
+        return _gpt2_config(hf, where)
     act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
     if act not in _ACTIVATIONS:
         raise LmforgeError(f"unsupported hidden_act '{act}' in {where} (supported: {', '.join(_ACTIVATIONS)})")
@@ -162,6 +164,90 @@ def _gemma(hf: dict, where: str, mtype: str) -> dict:
                 query_pre_attn_scalar=_float(hf, "query_pre_attn_scalar", where, None) if hf.get("query_pre_attn_scalar") else None)
 
 
+def _gpt2_config(hf: dict, where: str) -> Config:
+    """GPT-2: LayerNorm, learned positions, an ungated GELU MLP, biases everywhere, tied head."""
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _ACTIVATIONS or _ACTIVATIONS[act] != "gelu_tanh":
+        raise LmforgeError(f"unsupported activation_function '{act}' in {where} (GPT-2's is gelu_new)")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+        raise LmforgeError(f"unsupported in {where}: GPT-2 attention scaled other than by 1/sqrt(head size)")
+    d, heads = _int(hf, "n_embd", where, high=1 << 20), _int(hf, "n_head", where, high=1 << 16)
+    return Config(vocab_size=_int(hf, "vocab_size", where, high=1 << 24), d_model=d, n_layers=_int(hf, "n_layer", where, high=1 << 12),
+                  n_heads=heads, n_kv_heads=heads, head_dim=d // heads,
+                  d_ff=_int(hf, "n_inner", where, high=1 << 22) if hf.get("n_inner") else 4 * d,
+                  norm_eps=_float(hf, "layer_norm_epsilon", where, 1e-5), max_seq_len=_int(hf, "n_positions", where, 1024),
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", True)), attention_bias=True, mlp_bias=True,
+                  activation="gelu_tanh", norm_kind="layer", learned_positions=True, gated_mlp=False, attn_out_bias=True,
+                  bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+                  extra={"source_format": "hf", "model_type": "gpt2"})
+
+
+def _gpt2_config_to_hf(cfg: Config) -> dict:
+    if not (cfg.norm_kind == "layer" and cfg.learned_positions and not cfg.gated_mlp and cfg.attention_bias and cfg.mlp_bias
+            and cfg.attn_out_bias and cfg.activation == "gelu_tanh" and cfg.n_kv_heads == cfg.n_heads) or cfg.is_moe:
+        raise LmforgeError("an HF config for LayerNorm/learned-position layers needs all of GPT-2's features")
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_positions": cfg.max_seq_len, "n_inner": cfg.d_ff,
+            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+            "torch_dtype": "float32", "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+            "pad_token_id": cfg.pad_token_id}
+
+
+# GPT-2 (transformer.h.N.*, Conv1D weights stored [in, out]) <-> lmforge's names, per layer
+_GPT2_LINEARS = {"attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
+_GPT2_NORMS = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm"}
+
+
+def gpt2_state_to_lmforge(state: dict, cfg: Config) -> dict:
+    out, d = {}, cfg.d_model
+    for key, t in state.items():
+        k = key.removeprefix("transformer.")
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or (k == "lm_head.weight" and cfg.tie_embeddings):
+            continue  # old checkpoints' causal-mask buffers; the tied head
+        if k in ("wte.weight", "wpe.weight"):
+            out[{"wte.weight": "model.embed_tokens.weight", "wpe.weight": "model.embed_positions.weight"}[k]] = t
+        elif k.startswith("ln_f."):
+            out["model.norm." + k[len("ln_f."):]] = t
+        elif k.startswith("h."):
+            _, i, rest = k.split(".", 2)
+            p, (mod, _, kind) = f"model.layers.{i}.", rest.rpartition(".")
+            if mod == "attn.c_attn":  # q|k|v fused, [in, 3 out]
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), (t.t() if kind == "weight" else t).split(d)):
+                    out[f"{p}self_attn.{name}.{kind}"] = part.contiguous()
+            elif mod in _GPT2_LINEARS:
+                out[f"{p}{_GPT2_LINEARS[mod]}.{kind}"] = t.t().contiguous() if kind == "weight" else t
+            elif mod in _GPT2_NORMS:
+                out[f"{p}{_GPT2_NORMS[mod]}.{kind}"] = t
+            else:
+                raise LmforgeError(f"unexpected GPT-2 tensor '{key}'")
+        else:
+            out[k] = t
+    return out
+
+
+def lmforge_state_to_gpt2(state: dict) -> dict:
+    out = {}
+    for key, t in state.items():
+        if key in ("model.embed_tokens.weight", "model.embed_positions.weight"):
+            out[{"model.embed_tokens.weight": "transformer.wte.weight", "model.embed_positions.weight": "transformer.wpe.weight"}[key]] = t
+        elif key.startswith("model.norm."):
+            out["transformer.ln_f." + key[len("model.norm."):]] = t
+        elif key.startswith("model.layers."):
+            _, _, i, rest = key.split(".", 3)
+            p, (mod, _, kind) = f"transformer.h.{i}.", rest.rpartition(".")
+            if mod == "self_attn.q_proj":
+                parts = [state[f"model.layers.{i}.self_attn.{n}.{kind}"] for n in ("q_proj", "k_proj", "v_proj")]
+                out[f"{p}attn.c_attn.{kind}"] = torch.cat(parts).t().contiguous() if kind == "weight" else torch.cat(parts)
+            elif mod in ("self_attn.k_proj", "self_attn.v_proj"):
+                continue
+            else:
+                theirs = {v: k for k, v in {**_GPT2_LINEARS, **_GPT2_NORMS}.items()}[mod]
+                out[f"{p}{theirs}.{kind}"] = t.t().contiguous() if kind == "weight" and mod in _GPT2_LINEARS.values() else t
+        else:
+            out[key] = t
+    return out
+
+
 def _rope_layers(hf: dict, mtype: str, where: str) -> list[bool] | None:
     """SmolLM3's `no_rope_layers` (despite its name: 1 = the layer uses RoPE) as lmforge's
     `rope_layers`; None when every layer rotates."""
@@ -267,6 +353,8 @@ def config_to_hf(cfg: Config) -> dict:
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
     }
+    if cfg.learned_positions or cfg.norm_kind != "rms":
+        return _gpt2_config_to_hf(cfg)
     if cfg.rope_layers is not None:
         if cfg.attention_bias or cfg.qk_norm or cfg.is_moe or cfg.sandwich_norms or cfg.post_norms:
             raise LmforgeError("an HF config for layers without RoPE is SmolLM3's, which has no biases, q/k norms, experts or extra norms")
@@ -429,6 +517,8 @@ def save_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = N
         state = lmforge_state_to_hf(state, cfg)
     if cfg.extra.get("model_type") == "phi3":
         state = join_fused(state)
+    if cfg.learned_positions:
+        state = lmforge_state_to_gpt2(state)
     hf = config_to_hf(cfg)
     if dtype is not None:
         hf["torch_dtype"] = str(dtype).replace("torch.", "")

@@ -92,6 +92,10 @@ def build_model(cfg: Config, state: dict, device="cpu") -> Transformer:
     `BlockWeight` entries become `BlockLinear` layers that compute from the file's blocks."""
     from lmforge.loading.gguf_file import BlockWeight
 
+    if any(k.startswith("transformer.h.") for k in state):
+        from lmforge.loading.hf import gpt2_state_to_lmforge  # GPT-2's names and Conv1D layout -> ours
+
+        state = gpt2_state_to_lmforge(state, cfg)
     blocks = {k[: -len(".weight")]: v for k, v in state.items() if isinstance(v, BlockWeight)}
     state = {k: v for k, v in state.items() if not isinstance(v, BlockWeight)}
     if cfg.tie_embeddings and "lm_head" not in blocks:
