@@ -339,3 +339,33 @@ def test_phi3_adapters_round_trip_through_peft(tmp_path):
     with torch.no_grad():
         want = pm(ids).logits
         assert (ours(ids) - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_our_qwen3_gguf(tmp_path, tokenizer):
+    """Our Qwen3 GGUF (arch qwen3, attn_q_norm/attn_k_norm tensors) is one llama.cpp reads: its
+    greedy tokens are lmforge's."""
+    import json
+    import subprocess
+
+    from test_export_gguf import LLAMA_SCRIPT, llama_python
+
+    import lmforge
+    from lmforge.export.gguf import write_gguf
+
+    py = llama_python()
+    if py is None:
+        pytest.skip("llama-cpp-python is not installed (set LMFORGE_LLAMA_PYTHON to a Python that has it)")
+    ours = _ours_from(qwen3(vocab=49152))
+    path = write_gguf(ours, tokenizer, tmp_path / "qwen3.gguf", "f16")
+    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog", add_bos=False)
+    res = subprocess.run([py, "-c", LLAMA_SCRIPT, str(path), json.dumps(ids), "8", "x"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    theirs = json.loads(res.stdout.strip().splitlines()[-1])["ids"]
+    back = lmforge.load(str(path), quant="none", device="cpu").model
+    mine, seq = [], list(ids)
+    with torch.no_grad():
+        for _ in range(len(theirs)):
+            seq.append(int(back(torch.tensor([seq]))[0, -1].argmax()))
+            mine.append(seq[-1])
+    assert len(theirs) >= 4 and theirs == mine
