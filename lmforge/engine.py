@@ -51,7 +51,7 @@ class CacheBackend:
 
     def __init__(self, model, batch: int, capacity: int):
         self.model = model
-        self.device = model.model.embed_tokens.weight.device  # a GGUF head's weight is computed
+        self.device = next(model.parameters()).device  # (a GGUF head has no weight tensor to ask)
         self.cache = model.new_cache(batch, capacity)
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
@@ -84,7 +84,7 @@ def generate_tokens(
 ) -> Iterator[tuple[int, int]]:
     """Yield (row, token_id) as tokens are produced; a row ends on a stop id, `should_stop(row,
     produced)`, the token budget, or the context limit."""
-    rows = start_rows(params, prompts, model.cfg, model.model.embed_tokens.weight.device, stop_ids, should_stop)
+    rows = start_rows(params, prompts, model.cfg, next(model.parameters()).device, stop_ids, should_stop)
     backend = _backend(model, prompts, rows[0].capacity)
     if not isinstance(backend, CacheBackend) and params.draft not in (None, "none"):
         from lmforge.fast.speculative import resolve_draft, speculate

@@ -260,11 +260,10 @@ class Attention(nn.Module):
         if layer_cache is not None:
             k, v = layer_cache(k, v)
         groups = cfg.n_heads // cfg.n_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
         scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
         if cfg.attn_logit_softcap:  # soft-capped scores: SDPA cannot, so the attention is written out
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             s = softcap(q @ k.transpose(-1, -2) * (scale or cfg.head_dim ** -0.5), cfg.attn_logit_softcap)
             if mask is None and T > 1:
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
@@ -272,7 +271,9 @@ class Attention(nn.Module):
                 s = s.masked_fill(~mask, float("-inf"))
             y = s.float().softmax(-1).to(q.dtype) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=scale)
+            # grouped-query attention without copying K/V once per query head
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=scale,
+                                               enable_gqa=groups > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
 
 
@@ -477,6 +478,10 @@ class Transformer(nn.Module):
             mask = key_pos[None, None, :] <= (start[:, None, None] + t[None, :, None])
             mask = mask[:, None]  # [B, 1, T, S]
             row_idx = rows[:, None].expand(B, T)
+            # rows r0..r0+B-1 (the usual case) are read as a view of the cache, not gathered:
+            # a gather copies every cached key and value of every layer at every step
+            r0 = int(rows[0])
+            span = slice(r0, r0 + B) if bool((rows == torch.arange(r0, r0 + B, device=dev)).all()) else None
 
             def make_layer_cache(i):
                 kb, vb = cache.k[i], cache.v[i]
@@ -484,6 +489,8 @@ class Transformer(nn.Module):
                 def update(k, v):  # k, v: [B, H, T, D]
                     kb[row_idx, :, slots] = k.transpose(1, 2).to(kb.dtype)
                     vb[row_idx, :, slots] = v.transpose(1, 2).to(vb.dtype)
+                    if span is not None:
+                        return kb[span, :, :S].to(k.dtype), vb[span, :, :S].to(v.dtype)
                     return kb[rows, :, :S].to(k.dtype), vb[rows, :, :S].to(v.dtype)
 
                 return update

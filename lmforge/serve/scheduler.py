@@ -160,7 +160,7 @@ class Scheduler:
         self.ctx = min(ctx or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        self.device = model.model.embed_tokens.weight.device  # a GGUF head's weight is computed
+        self.device = next(model.parameters()).device  # (a GGUF head has no weight tensor to ask)
         self.vocab = model.cfg.vocab_size
         self.stop_ids = tokenizer.stop_ids()
         self.cache = None  # allocated when the thread starts
