@@ -184,7 +184,7 @@ class GraphDecoder:
         f = self.fast
         H, KV, D = f.H, f.KV, f.D
         if f.qk_norms[li] is not None:
-            from lmforge.fast.decode import qk_norm_
+            from lmforge.fast.ops import qk_norm_
 
             qk_norm_(qkv, f.qk_norms[li], H, KV, D, f.eps)
         qk = qkv[:, : (H + KV) * D].view(1, H + KV, D // 2, 2)  # interleaved (re, im) pairs

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.fast.ops import qk_norm_
 from lmforge.native.linear import BlockLinear, fuse_block_linears
 from lmforge.quant import QuantLinear, fuse_quant_linears
 
@@ -155,14 +156,6 @@ def _signature(model) -> tuple:
         if isinstance(m, QuantLinear):
             sig.append(id(m._packed))
     return tuple(sig)
-
-
-def qk_norm_(qkv: torch.Tensor, norms, H: int, KV: int, D: int, eps: float) -> None:
-    """RMSNorm each query and key head of a fused q|k|v output in place (Qwen3's q/k norms)."""
-    T = qkv.shape[0]
-    for part, n, w in ((qkv[:, : H * D], H, norms[0]), (qkv[:, H * D : (H + KV) * D], KV, norms[1])):
-        heads = part.view(T, n, D)
-        heads.copy_(F.rms_norm(heads.float(), (D,), w.float(), eps).to(heads.dtype))
 
 
 class FastDecoder:

@@ -93,7 +93,7 @@ def build_model(cfg: Config, state: dict, device="cpu") -> Transformer:
     from lmforge.loading.gguf_file import BlockWeight
 
     if any(k.startswith("transformer.h.") for k in state):
-        from lmforge.loading.hf import gpt2_state_to_lmforge  # GPT-2's names and Conv1D layout -> ours
+        from lmforge.loading.state_maps import gpt2_state_to_lmforge  # GPT-2's names and Conv1D layout -> ours
 
         state = gpt2_state_to_lmforge(state, cfg)
     blocks = {k[: -len(".weight")]: v for k, v in state.items() if isinstance(v, BlockWeight)}
@@ -107,7 +107,7 @@ def build_model(cfg: Config, state: dict, device="cpu") -> Transformer:
 
         state = hf_state_to_lmforge(state, cfg)
     if any(k.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for k in state):
-        from lmforge.loading.hf import split_fused  # Phi-3's fused layers -> ours
+        from lmforge.loading.state_maps import split_fused  # Phi-3's fused layers -> ours
 
         state = split_fused(state, cfg)
     wanted = set(model.state_dict()) - {f"{name}.weight" for name in blocks}
