@@ -106,10 +106,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, default_model_path, capsys):
     truncated = tmp_path / "trunc.gguf"
     truncated.write_bytes(default_model_path.read_bytes()[: 5_000_000])
     _one_line_error(lmforge("info", "--model", str(truncated)), "truncated")
-    hf = tmp_path / "gpt2"
+    hf = tmp_path / "falcon"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    _one_line_error(lmforge("info", "--model", str(hf)), "unsupported architecture 'gpt2'")
+    (hf / "config.json").write_text(json.dumps({"model_type": "falcon", "architectures": ["FalconForCausalLM"]}))
+    _one_line_error(lmforge("info", "--model", str(hf)), "unsupported architecture 'falcon'")
     _one_line_error(lmforge("generate", "--model", str(default_model_path), "--quant", "none", "--raw", "--prompt", "word " * 9000), "longer than the model's context")
     _one_line_error(lmforge("generate", "--tempreature", "1"), "unknown option '--tempreature'")
     _one_line_error(lmforge("frobnicate"), "unknown command")
