@@ -81,9 +81,11 @@ def generate_tokens(
     params: SamplingParams,
     stop_ids: set[int] | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
+    finished: dict[int, str] | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Yield (row, token_id) as tokens are produced; a row ends on a stop id, `should_stop(row,
-    produced)`, the token budget, or the context limit."""
+    produced)`, the token budget, or the context limit. `finished`, when given, receives each
+    row's reason as it ends ("stop" or "length": the budget or the context)."""
     rows = start_rows(params, prompts, model.cfg, next(model.parameters()).device, stop_ids, should_stop)
     backend = _backend(model, prompts, rows[0].capacity)
     if not isinstance(backend, CacheBackend) and params.draft not in (None, "none"):
@@ -92,6 +94,8 @@ def generate_tokens(
         spec = resolve_draft(params.draft, params, backend)
         if spec is not None:
             yield from ((0, t) for t in speculate(backend, prompts[0], rows[0], spec))
+            if finished is not None:
+                finished[0] = rows[0].finish or "length"
             return
     gen = torch.Generator(device=backend.device).manual_seed(params.seed) if params.seed is not None else None
     logits = backend.prefill(prompts)
@@ -105,6 +109,8 @@ def generate_tokens(
                 yield b, tok
             if rows[b].finish is None:
                 keep.append(j)
+            elif finished is not None:
+                finished[b] = rows[b].finish
         if not keep:
             return
         active = [active[j] for j in keep]
@@ -210,11 +216,13 @@ def generate_text(model, tokenizer, prompts: list[list[int]], params: SamplingPa
         streams[b].push(ids[-1])
         return streams[b].stopped
 
-    for b, _tok in generate_tokens(model, prompts, params, stop_ids=tokenizer.stop_ids(), should_stop=should_stop):
+    finished: dict[int, str] = {}
+    for b, _tok in generate_tokens(model, prompts, params, stop_ids=tokenizer.stop_ids(), should_stop=should_stop,
+                                   finished=finished):
         counts[b] += 1
     out = []
     for b, s in enumerate(streams):
         s.flush()
-        finish = "stop" if s.stopped or counts[b] < params.max_new_tokens else "length"
+        finish = finished.get(b, "stop" if s.stopped or counts[b] < params.max_new_tokens else "length")
         out.append({"text": s.text, "ids": list(s.ids), "completion_tokens": counts[b], "prompt_tokens": len(prompts[b]), "finish_reason": finish})
     return out

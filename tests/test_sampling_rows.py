@@ -64,3 +64,29 @@ def test_context_capacity():
         context_capacity(100, [3, 0], 5)
     with pytest.raises(LmforgeError, match="longer than the model's context of 8"):
         context_capacity(8, [9], 5)
+
+
+@pytest.mark.parametrize("fast", ["0", "1"])
+def test_generate_text_says_length_when_the_context_ends_the_reply(fast, monkeypatch):
+    """A reply cut by the model's context (not by max_new_tokens) finishes with "length", as
+    OpenAI's API says (it said "stop" before); one cut by the budget too."""
+    from conftest import tiny_config
+
+    from lmforge.engine import SamplingParams, generate_text
+    from lmforge.model import Transformer
+
+    monkeypatch.setenv("LMFORGE_FAST", fast)
+    model = Transformer(tiny_config(max_seq_len=24)).init_weights(seed=0).eval()
+
+    class Tok:  # ids as characters: enough for the text stream
+        def stop_ids(self):
+            return set()
+
+        def decode(self, ids, **kw):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    prompt = list(range(20))
+    out = generate_text(model, Tok(), [prompt], SamplingParams(max_new_tokens=50, temperature=0.0, stop_ids=set()))[0]
+    assert out["completion_tokens"] < 50 and out["finish_reason"] == "length", out
+    out = generate_text(model, Tok(), [prompt[:5]], SamplingParams(max_new_tokens=3, temperature=0.0, stop_ids=set()))[0]
+    assert out["completion_tokens"] == 3 and out["finish_reason"] == "length"
