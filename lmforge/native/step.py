@@ -43,8 +43,8 @@ def _blocks(lin) -> list[BlockLinear] | None:
 def native_step_for(fast) -> "NativeStep | None":
     """A NativeStep for this FastDecoder, or None when any piece is not native: the kernels
     missing, weights not all GGUF blocks, not fp32, not CPU."""
-    if native.library() is None or fast.device.type != "cpu" or fast.dtype != torch.float32:
-        return None
+    if fast.device.type != "cpu" or fast.dtype != torch.float32 or native.library() is None:
+        return None  # (in this order: a GPU run never builds the CPU kernels)
     table = []
     for n1, qkv, o, n2, gu, down in fast.layers:
         groups = [_blocks(qkv), _blocks(o), _blocks(gu), _blocks(down)]
