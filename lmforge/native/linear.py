@@ -82,11 +82,11 @@ class BlockLinear(nn.Module):
 
     def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
         """[M, in] fp32 -> [M, out] fp32."""
-        if runs_natively(self.qtype):
+        if self.blocks.device.type == "cpu" and runs_natively(self.qtype):
             y = matmul(self.blocks, self.qtype, self.in_features, x)
-        else:
-            if self._dense is None:
-                self._dense = self.weight
+        else:  # no kernels here, or the layer was moved to a GPU: its dequantized weight, once
+            if self._dense is None or self._dense.device != self.blocks.device:
+                self._dense = dequantize(self.blocks.cpu(), self.qtype, self.in_features).to(self.blocks.device)
             y = F.linear(x.float(), self._dense)
         return y if self.qbias is None else y.add_(self.qbias)
 
