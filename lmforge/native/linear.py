@@ -72,7 +72,7 @@ class BlockLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized float weight (a fresh tensor; for inspection and export)."""
-        return dequantize(self.blocks, self.qtype, self.in_features)
+        return dequantize(self.blocks.cpu(), self.qtype, self.in_features).to(self.blocks.device)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # a state dict (save_hf, convert) holds the dequantized weights under nn.Linear's keys
