@@ -128,9 +128,7 @@ def gpt2():
 
 FAMILIES = {"mistral-window-8": mistral, "qwen2-mixed-windows": qwen2_mixed_windows, "qwen3": qwen3, "qwen3-moe": qwen3_moe,
             "gemma2": gemma2, "gemma3": gemma3, "phi3": phi3, "olmo2": olmo2, "smollm3": smollm3, "gpt2": gpt2}
-# PEFT cannot target transformers-5's fused expert weights; GPT-2 adapters keep lmforge's layer
-# names (PEFT would want its fused Conv1D c_attn)
-DENSE = [f for f in FAMILIES if "moe" not in f and f != "gpt2"]
+DENSE = [f for f in FAMILIES if "moe" not in f]  # PEFT cannot target transformers-5's fused expert weights
 # with the default tokenizer's vocabulary, for GGUF files (a GGUF carries its tokenizer)
 GGUF_FAMILIES = {"mistral-window-5": lambda: mistral(window=5, vocab=49152, tie_word_embeddings=True),
                  "qwen3": lambda: qwen3(vocab=49152)}
@@ -316,17 +314,20 @@ def test_training_losses_see_the_capped_logits():
         assert not torch.allclose(lm_loss_sum(h, ours.lm_head.weight, targets.flatten()) / targets.numel(), want, atol=1e-3)
 
 
-def test_phi3_adapters_round_trip_through_peft(tmp_path):
-    """Ours -> PEFT is tested above; a PEFT adapter on Phi-3's fused layers loads into lmforge's
-    separate ones with equal outputs, and so does our own saved (fused) adapter."""
+@pytest.mark.parametrize("family,targets", [("phi3", ["qkv_proj", "gate_up_proj", "o_proj"]),
+                                             ("gpt2", ["c_attn", "c_proj", "c_fc"])])
+def test_peft_adapters_on_fused_layers_load_into_lmforge(family, targets, tmp_path):
+    """Ours -> PEFT is tested above (fused on save); a PEFT adapter on the family's own fused
+    layers (Phi-3's qkv_proj / gate_up_proj, GPT-2's Conv1D c_attn) loads into lmforge's
+    separate ones with equal outputs."""
     peft = pytest.importorskip("peft")
     from lmforge.finetune.lora import load_adapter
     from lmforge.loading import load_model
 
-    ref = phi3()
+    ref = FAMILIES[family]()
     ref.save_pretrained(tmp_path / "base")
-    pm = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=6, target_modules=["qkv_proj", "gate_up_proj", "o_proj"],
-                                                  task_type="CAUSAL_LM"))
+    pm = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=6, target_modules=targets, task_type="CAUSAL_LM",
+                                                  fan_in_fan_out=family == "gpt2"))
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for n, p in pm.named_parameters():

@@ -300,8 +300,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
     if not state:
         raise LmforgeError("the model has no LoRA adapter to save")
     cfg = peft_config_dict(model, base_model, settings)
-    if getattr(model, "cfg", None) is not None and model.cfg.extra.get("model_type") == "phi3":
-        state, cfg = fuse_for_phi3(model, state, cfg)
+    from lmforge.finetune.lora_layouts import layout, to_checkpoint_layout
+
+    if layout(getattr(model, "cfg", None)) is not None:  # Phi-3, GPT-2: their checkpoints' layers
+        state, cfg = to_checkpoint_layout(model, lora_layers(model), state, cfg, PEFT_PREFIX)
     save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "README.md").write_text(
@@ -311,72 +313,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
         "    lmforge chat --model THIS_FOLDER\n    lmforge merge --adapter THIS_FOLDER --out merged/\n"
     )
     return out
-
-
-def fuse_for_phi3(model: nn.Module, state: dict, cfg: dict) -> tuple[dict, dict]:
-    """Phi-3's checkpoints fuse q|k|v and gate|up into one layer each, so PEFT targets those:
-    the parts' adapters become one exact adapter of the fused layer. A stacks the parts' A
-    rows (rank = the sum of their ranks); B is block-diagonal, each block times its part's
-    scaling, and the fused layer's alpha makes its own scaling 1 (r, or sqrt(r) with rsLoRA)."""
-    layers = lora_layers(model)
-    fused_groups = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
-    out = dict(state)
-    targets = set(cfg["target_modules"])
-    for i in range(model.cfg.n_layers):
-        for fused, parts in fused_groups.items():
-            stem = f"model.layers.{i}.{fused.split('.')[0]}."
-            mods = [(p, layers.get(stem + p), model.get_submodule(stem + p)) for p in parts]
-            if not any(m for _, m, _ in mods):
-                continue
-            a_rows, b_blocks, rank = [], [], 0
-            for p, m, layer in mods:
-                out.pop(f"{PEFT_PREFIX}{stem}{p}.lora_A.weight", None)
-                out.pop(f"{PEFT_PREFIX}{stem}{p}.lora_B.weight", None)
-                if m is not None:
-                    a_rows.append(m.lora_A.weight.detach().float().cpu())
-                    b_blocks.append((m.lora_B.weight.detach().float().cpu() * m.scaling, m.r))
-                    rank += m.r
-                else:
-                    b_blocks.append((torch.zeros(layer.out_features if hasattr(layer, "out_features") else layer.weight.shape[0], 0), 0))
-            b, col = [], 0
-            for block, r in b_blocks:
-                full = torch.zeros(block.shape[0], rank)
-                full[:, col:col + r] = block
-                b.append(full)
-                col += r
-            name = f"model.layers.{i}.{fused}"
-            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = torch.cat(a_rows).contiguous()
-            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = torch.cat(b).contiguous()
-            cfg["rank_pattern"][name] = rank
-            cfg["alpha_pattern"][name] = rank ** 0.5 if cfg.get("use_rslora") else rank
-            targets -= set(parts)
-            targets.add(fused.split(".")[-1])
-    for p in list(cfg["rank_pattern"]) + list(cfg["alpha_pattern"]):
-        if p.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-            cfg["rank_pattern"].pop(p, None)
-            cfg["alpha_pattern"].pop(p, None)
-    cfg["target_modules"] = sorted(targets)
-    return out, cfg
-
-
-def _split_fused_pairs(pairs: dict, mcfg, cfg: dict, alpha: float) -> tuple[dict, dict]:
-    """A LoRA on Phi-3's fused qkv_proj / gate_up_proj (PEFT's, or ours from `fuse_for_phi3`)
-    as exact LoRAs on lmforge's separate layers: each part keeps A, takes its rows of B, and
-    the fused layer's rank and alpha (so the same scaling)."""
-    q, kv, ff = mcfg.n_heads * mcfg.head_dim, mcfg.n_kv_heads * mcfg.head_dim, mcfg.d_ff
-    splits = {"qkv_proj": (("q_proj", "k_proj", "v_proj"), (q, kv, kv)), "gate_up_proj": (("gate_proj", "up_proj"), (ff, ff))}
-    out, alphas = {}, {}
-    for path, ab in pairs.items():
-        stem, _, leaf = path.rpartition(".")
-        if leaf not in splits or set(ab) != {"lora_A", "lora_B"}:
-            out[path] = ab
-            continue
-        names, sizes = splits[leaf]
-        a = float(_pattern_value(cfg.get("alpha_pattern"), path, alpha))
-        for name, rows in zip(names, ab["lora_B"].split(list(sizes))):
-            out[f"{stem}.{name}"] = {"lora_A": ab["lora_A"], "lora_B": rows}
-            alphas[f"{stem}.{name}"] = a
-    return out, alphas
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -395,8 +331,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return cfg
 
 
-def _check_peft_config(cfg: dict, where: str) -> None:
-    """Refuse what would change the math and is not supported here (say which field)."""
+def _check_peft_config(cfg: dict, where: str, conv1d: bool = False) -> None:
+    """Refuse what would change the math and is not supported here (say which field).
+    `conv1d`: the base is GPT-2, whose Conv1D layers PEFT marks fan_in_fan_out (same math)."""
     if cfg.get("peft_type", "LORA") != "LORA":
         raise LmforgeError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     checks = [
@@ -404,6 +341,8 @@ def _check_peft_config(cfg: dict, where: str) -> None:
         ("bias", "none", "trained biases"), ("lora_bias", False, "lora_bias"),
     ]
     for key, ok, what in checks:
+        if key == "fan_in_fan_out" and conv1d:
+            continue
         if cfg.get(key, ok) not in (ok, None):
             raise LmforgeError(f"{where}: {key}={cfg[key]!r} ({what}) is not supported")
     for key in ("modules_to_save", "layer_replication", "target_parameters", "trainable_token_indices"):
@@ -428,7 +367,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraSettings:
     adapter_dir = Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
     where = str(adapter_dir / ADAPTER_CONFIG)
-    _check_peft_config(cfg, where)
+    _check_peft_config(cfg, where, conv1d=(getattr(model, "cfg", None) is not None
+                                           and model.cfg.extra.get("model_type") == "gpt2"))
     wfile = adapter_dir / ADAPTER_WEIGHTS
     if wfile.exists():
         tensors = load_file(str(wfile))
@@ -442,9 +382,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraSettings:
         if not m:
             raise LmforgeError(f"{wfile}: unsupported tensor '{key}' (only lora_A/lora_B weights of linear layers)")
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
-    alpha_of = {}  # a fused Phi-3 layer's alpha, for the parts it is split into
-    if getattr(model, "cfg", None) is not None:
-        pairs, alpha_of = _split_fused_pairs(pairs, model.cfg, cfg, float(cfg.get("lora_alpha", 8)))
+    alpha_of = {}  # a Phi-3/GPT-2 layer's alpha, for the parts it is split into
+    from lmforge.finetune.lora_layouts import from_checkpoint_layout, layout
+
+    if layout(getattr(model, "cfg", None)) is not None:
+        pairs, alpha_of = from_checkpoint_layout(pairs, model.cfg, cfg, float(cfg.get("lora_alpha", 8)), _pattern_value)
     settings = LoraSettings(r=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)),
                             dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
                             targets=sorted({p.split(".")[-1] for p in pairs}), rslora=bool(cfg.get("use_rslora", False)))
