@@ -61,8 +61,8 @@ def features(cfg: Config) -> list[str]:
         out.append(f"no positional encoding in {sum(not f for f in cfg.rope_layers)} of {cfg.n_layers} layers (NoPE)")
     if cfg.rope_local_theta:
         out.append(f"RoPE base {cfg.rope_local_theta:g} in sliding layers, {cfg.rope_theta:g} in full ones")
-    if cfg.rope_scaling:
-        out.append(f"RoPE scaling {cfg.rope_scaling.get('rope_type', cfg.rope_scaling.get('type'))}")
+    if cfg.rope_kind:
+        out.append(f"RoPE scaling {cfg.rope_kind}")
     if cfg.is_moe:
         shared = f" + {cfg.n_shared_experts} shared" if cfg.n_shared_experts else ""
         out.append(f"mixture of experts ({cfg.n_experts} experts, top-{cfg.n_experts_per_token}{shared})")
@@ -71,39 +71,17 @@ def features(cfg: Config) -> list[str]:
 
 
 def support(cfg: Config) -> dict[str, str]:
-    """lmforge's paths for this model: "yes", or what is missing."""
-    gguf_out = "yes"
-    if cfg.is_moe:
-        gguf_out = "no (dense models only)"
-    elif cfg.layer_types is not None:
-        gguf_out = "no (per-layer windows)"
-    elif cfg.qk_norm and cfg.attention_bias:
-        gguf_out = "no (q/k norms with biases)"
-    elif cfg.sandwich_norms or cfg.norm_unit_offset or cfg.activation != "silu":
-        gguf_out = "no (Gemma-style layers)"
-    elif cfg.post_norms:
-        gguf_out = "no (OLMo 2-style norms)"
-    elif cfg.rope_layers is not None:
-        gguf_out = "no (layers without RoPE)"
-    elif cfg.learned_positions:
-        gguf_out = "no (GPT-2-style layers)"
-    fast = "yes"
-    if cfg.is_moe:
-        fast = "no (mixture of experts: general engine)"
-    elif cfg.sandwich_norms or cfg.attn_logit_softcap or cfg.final_logit_softcap:
-        fast = "no (Gemma-style layers: general engine)"
-    elif cfg.post_norms:
-        fast = "no (OLMo 2-style norms: general engine)"
-    elif cfg.learned_positions:
-        fast = "no (GPT-2-style layers: general engine)"
-    elif (cfg.rope_scaling or {}).get("rope_type") == "longrope":
-        fast = "no (LongRoPE: general engine)"
+    """lmforge's paths for this model: "yes", or why not (the reasons the paths themselves give)."""
+    from lmforge.export.gguf import unsupported_reason as gguf_reason
+    from lmforge.fast.decode import unsupported_config
+
+    fast, gguf = unsupported_config(cfg), gguf_reason(cfg)
     return {
         "run (CLI, Python API, server)": "yes",
-        "fast single-sequence decoder (and native GGUF step on CPU)": fast,
+        "fast single-sequence decoder (and native GGUF step on CPU)": "yes" if fast is None else f"no: {fast}",
         "finetune (SFT, LoRA, QLoRA), align (DPO, GRPO), eval, inspect": "yes",
         "convert --to hf": "yes",
-        "convert --to gguf": gguf_out,
+        "convert --to gguf": "yes" if gguf is None else f"no: {gguf}",
     }
 
 

@@ -90,6 +90,13 @@ class Config:
     def is_moe(self) -> bool:
         return self.n_experts > 0
 
+    @property
+    def rope_kind(self) -> str | None:
+        """The RoPE scaling scheme ("linear", "llama3", "longrope"; None for plain RoPE)."""
+        sc = self.rope_scaling or {}
+        kind = sc.get("rope_type", sc.get("type"))
+        return None if kind == "default" else kind
+
     def uses_rope(self, layer: int) -> bool:
         if self.learned_positions:
             return False
@@ -136,8 +143,7 @@ def rope_inv_freq(cfg: Config, long: bool = False) -> torch.Tensor:
     `long`: LongRoPE's factors for sequences past the original context (else its short ones)."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    sc = cfg.rope_scaling or {}
-    kind = sc.get("rope_type", sc.get("type"))
+    sc, kind = cfg.rope_scaling or {}, cfg.rope_kind
     if kind == "longrope":  # Phi-3: one rescaling factor per frequency
         ext = torch.tensor(sc["long_factor"] if long else sc["short_factor"], dtype=torch.float32)
         return 1.0 / (ext * cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
@@ -154,7 +160,7 @@ def rope_inv_freq(cfg: Config, long: bool = False) -> torch.Tensor:
         inv_freq = torch.where(medium, smoothed, scaled)
     elif kind == "linear":
         inv_freq = inv_freq / sc["factor"]
-    elif kind not in (None, "default"):
+    elif kind is not None:
         raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3, longrope)")
     return inv_freq
 
@@ -162,9 +168,9 @@ def rope_inv_freq(cfg: Config, long: bool = False) -> torch.Tensor:
 def rope_attention_factor(cfg: Config) -> float:
     """LongRoPE's scale of cos and sin (so of q.k by its square): sqrt(1 + ln(s) / ln(original
     context)), s = the context's stretch; 1 for every other scheme."""
-    sc = cfg.rope_scaling or {}
-    if sc.get("rope_type", sc.get("type")) != "longrope":
+    if cfg.rope_kind != "longrope":
         return 1.0
+    sc = cfg.rope_scaling
     if sc.get("attention_factor") is not None:
         return float(sc["attention_factor"])
     original = sc["original_max_position_embeddings"]
@@ -403,10 +409,9 @@ class Transformer(nn.Module):
     def _rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for `positions`; LongRoPE switches to its long factors once a position passes
         the original context (as transformers does, for the whole call) and scales both."""
-        sc = self.cfg.rope_scaling or {}
-        if sc.get("rope_type", sc.get("type")) != "longrope":
+        if self.cfg.rope_kind != "longrope":
             return rope_cos_sin(self.inv_freq, positions, dtype)
-        long = int(positions.max()) + 1 > sc["original_max_position_embeddings"]
+        long = int(positions.max()) + 1 > self.cfg.rope_scaling["original_max_position_embeddings"]
         inv = rope_inv_freq(self.cfg, long).to(self.inv_freq.device) if long else self.inv_freq
         f = rope_attention_factor(self.cfg)
         cos, sin = rope_cos_sin(inv, positions, torch.float32)
@@ -513,7 +518,7 @@ class Transformer(nn.Module):
         rope = {None: self._rope(positions, x.dtype)}
         if self.cfg.rope_local_theta:  # sliding layers turn at their own base
             rope["local"] = rope_cos_sin(local_inv_freq(self.cfg).to(self.inv_freq.device), positions, x.dtype)
-        windowed = self._windowed_mask(mask, positions, cache, S if cache is not None else T)
+        windowed = self._windowed_mask(mask, positions, cache, S)
         if collect_hidden is not None:
             collect_hidden.append(x)
         for i, (layer, lc) in enumerate(zip(self.model.layers, layer_caches)):

@@ -135,6 +135,30 @@ def _tensor_type(name: str, arr: np.ndarray, gguf_type: str):
     return Q.Q4_0
 
 
+def unsupported_reason(cfg) -> str | None:
+    """Why a model with this config cannot be written as GGUF (None when it can); also what
+    `lmforge info` says."""
+    if cfg.is_moe:
+        return "GGUF export supports dense models only (this one is a mixture of experts)"
+    if cfg.mlp_bias:
+        return "GGUF export: MLP biases are not supported by llama.cpp's llama architecture"
+    if cfg.rope_kind not in (None, "linear"):
+        return f"GGUF export: rope scaling '{cfg.rope_kind}' is not supported (linear only)"
+    if cfg.qk_norm and cfg.attention_bias:
+        return "GGUF export: q/k norms with q/k/v biases match no llama.cpp architecture"
+    if cfg.layer_types is not None:
+        return "GGUF export: per-layer attention windows (layer_types) are not supported"
+    if cfg.sandwich_norms or cfg.norm_unit_offset or cfg.activation != "silu":
+        return "GGUF export: Gemma-style layers are not supported yet"
+    if cfg.post_norms or cfg.qk_norm_whole:
+        return "GGUF export: OLMo 2-style norms are not supported yet"
+    if cfg.rope_layers is not None:
+        return "GGUF export: layers without RoPE (SmolLM3) are not supported yet"
+    if cfg.norm_kind != "rms" or cfg.learned_positions or not cfg.gated_mlp or cfg.attn_out_bias:
+        return "GGUF export: GPT-2-style layers are not supported yet"
+    return None
+
+
 def write_gguf(model, tokenizer, path, gguf_type: str = "f16") -> Path:
     """Write `model` (a dense lmforge Transformer) with `tokenizer` to `path` as GGUF."""
     import gguf
@@ -144,15 +168,10 @@ def write_gguf(model, tokenizer, path, gguf_type: str = "f16") -> Path:
     if tokenizer is None:
         raise LmforgeError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
     cfg = model.cfg
-    if cfg.is_moe:
-        raise LmforgeError("GGUF export supports dense models only (this one is a mixture of experts)")
-    if cfg.mlp_bias:
-        raise LmforgeError("GGUF export: MLP biases are not supported by llama.cpp's llama architecture")
-    kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
-    if kind not in (None, "default", "linear"):
-        raise LmforgeError(f"GGUF export: rope scaling '{kind}' is not supported (linear only)")
-    if cfg.qk_norm and cfg.attention_bias:
-        raise LmforgeError("GGUF export: q/k norms with q/k/v biases match no llama.cpp architecture")
+    reason = unsupported_reason(cfg)
+    if reason is not None:
+        raise LmforgeError(reason)
+    kind = cfg.rope_kind
     arch = "qwen3" if cfg.qk_norm else "qwen2" if cfg.attention_bias else "llama"
     permute = arch == "llama"
     path = Path(path)
@@ -173,16 +192,6 @@ def write_gguf(model, tokenizer, path, gguf_type: str = "f16") -> Path:
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_vocab_size(cfg.vocab_size)
-    if cfg.layer_types is not None:
-        raise LmforgeError("GGUF export: per-layer attention windows (layer_types) are not supported")
-    if cfg.sandwich_norms or cfg.norm_unit_offset or cfg.activation != "silu":
-        raise LmforgeError("GGUF export: Gemma-style layers are not supported yet")
-    if cfg.post_norms or cfg.qk_norm_whole:
-        raise LmforgeError("GGUF export: OLMo 2-style norms are not supported yet")
-    if cfg.rope_layers is not None:
-        raise LmforgeError("GGUF export: layers without RoPE (SmolLM3) are not supported yet")
-    if cfg.norm_kind != "rms" or cfg.learned_positions or not cfg.gated_mlp or cfg.attn_out_bias:
-        raise LmforgeError("GGUF export: GPT-2-style layers are not supported yet")
     if cfg.sliding_window:  # llama.cpp's key; lmforge reads it back (llama.cpp's llama arch may not)
         w.add_sliding_window(int(cfg.sliding_window))
     if kind == "linear":

@@ -116,14 +116,12 @@ def _single(m: nn.Module, dtype) -> _Linear:
     return _Linear(m.weight.detach(), None if m.bias is None else m.bias.detach())
 
 
-def unsupported_reason(model) -> str | None:
-    """Why the fast path cannot run this model (None when it can)."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or not hasattr(model, "model"):
-        return "not an lmforge Transformer"
+def unsupported_config(cfg) -> str | None:
+    """Which of the model's features the fast path lacks (None when it has them all); also
+    what `lmforge info` says."""
     if cfg.is_moe:
         return "mixture-of-experts model"
-    if (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type")) == "longrope":
+    if cfg.rope_kind == "longrope":
         return "LongRoPE scaling (the general engine runs it)"
     if cfg.post_norms or cfg.qk_norm_whole:
         return "OLMo 2-style norms (the general engine runs them)"
@@ -134,6 +132,17 @@ def unsupported_reason(model) -> str | None:
         return "Gemma-style layers (the general engine runs them)"
     if cfg.head_dim % 2:
         return "odd head_dim"
+    return None
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast path cannot run this model (None when it can)."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not hasattr(model, "model"):
+        return "not an lmforge Transformer"
+    reason = unsupported_config(cfg)
+    if reason is not None:
+        return reason
     for name, m in model.named_modules():
         if m._forward_hooks or m._forward_pre_hooks:
             return f"forward hooks on {name or 'the model'}"

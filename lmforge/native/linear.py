@@ -1,8 +1,8 @@
 """`BlockLinear`: an `nn.Linear` whose weight is a GGUF file's own quantized blocks.
 
 The weight is never re-rounded: the native kernels (`lmforge.native`, qmatmul.c) compute with
-the blocks as the file holds them, so lmforge computes what the file says (llama.cpp's
-arithmetic: 8-bit activations per 32 values, integer dots). Where the kernels cannot be built,
+the blocks as the file holds them and with float activations, so lmforge computes what the
+file says (the dequantized model's numbers, to fp32 summation order). Where the kernels cannot be built,
 the same module dequantizes its weight once (gguf's reference dequantizer) and runs `F.linear`.
 """
 from __future__ import annotations

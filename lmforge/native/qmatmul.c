@@ -280,8 +280,6 @@ static inline void dot_rows(int t, const uint8_t *row, const float *x, int64_t g
     for (int j = 0; j < n; j++) out[j] = dot_scalar(t, row, x + j * 32 * groups, groups);
 }
 
-int lmf_supported(int t) { return block_bytes(t) != 0; }
-
 /* which integer dot this build uses: 3 AVX-512 VNNI, 2 AVX-VNNI, 1 AVX2, 0 scalar */
 int lmf_simd_level(void) {
 #if defined(__AVX2__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)

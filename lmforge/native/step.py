@@ -43,8 +43,8 @@ def _blocks(lin) -> list[BlockLinear] | None:
 def native_step_for(fast) -> "NativeStep | None":
     """A NativeStep for this FastDecoder, or None when any piece is not native: the kernels
     missing, weights not all GGUF blocks, not fp32, not CPU."""
-    if fast.device.type != "cpu" or fast.dtype != torch.float32 or native.library() is None:
-        return None  # (in this order: a GPU run never builds the CPU kernels)
+    if fast.device.type != "cpu" or fast.dtype != torch.float32:
+        return None
     table = []
     for n1, qkv, o, n2, gu, down in fast.layers:
         groups = [_blocks(qkv), _blocks(o), _blocks(gu), _blocks(down)]
@@ -55,6 +55,8 @@ def native_step_for(fast) -> "NativeStep | None":
     if head is None or len(head) != 1 or head[0].qbias is not None:
         return None
     if any(m.qbias is not None for layer in table for g in layer[1:] for m in g):
+        return None
+    if native.library() is None:  # asked last: a dense or GPU model never builds the kernels
         return None
     return NativeStep(fast, table, head[0])
 
