@@ -109,7 +109,10 @@ class LM:
                 on_text("\n")
             return "".join(pieces)
 
-        full = run_tool_loop(generate_fn, list(messages), tools, max_steps=max_steps, on_message=on_message)
+        from lmforge.tools.shipped import tool_adapter
+
+        with tool_adapter(self.model):
+            full = run_tool_loop(generate_fn, list(messages), tools, max_steps=max_steps, on_message=on_message)
         return full[len(messages):]
 
     @torch.inference_mode()

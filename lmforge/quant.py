@@ -127,6 +127,8 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
 class QuantLinear(nn.Module):
     """A quantized `nn.Linear` for inference. y = ((x * inv_smooth) q^T) * scale + bias."""
 
+    is_quantized_linear = True  # LoRA may wrap it (the shipped tool adapter on an int8 model)
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, scheme: str,
                  inv_smooth: torch.Tensor | None = None, out_dtype=torch.float32):
         super().__init__()

@@ -111,3 +111,58 @@ def test_default_model_fast_equals_naive(default_lm, monkeypatch):
     fast = engine_tokens(lm.model, prompt, p, monkeypatch, stop_ids=stop)
     assert fast == generate_naive(lm.model, prompt, p, stop_ids=stop)
     assert lm.tokenizer.decode(fast).startswith("The capital of France is Paris")
+
+
+def _random_lora(model, r=4, seed=0):
+    """A LoRA adapter with non-zero B on every attention and MLP layer (fp32)."""
+    from lmforge.finetune.lora import LoraSettings, apply_lora, lora_layers
+
+    apply_lora(model, LoraSettings(r=r, alpha=2 * r, targets=["attention", "mlp"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def test_fast_decoder_adds_lora_updates_beside_the_weights():
+    """An unmerged adapter runs in the fast decoder (updates beside the fused layers, in their
+    interleaved order) with the model's own logits; switched off, the base model's."""
+    from lmforge.finetune.lora import set_adapters_enabled
+
+    m = _random_lora(sharp_tiny(n_kv_heads=2))
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])
+    assert unsupported_reason(m) is None
+    for enabled in (True, False):
+        set_adapters_enabled(m, enabled)
+        with torch.no_grad():
+            ref = m(ids[None])[0]
+            dec = FastDecoder(m)
+            dec.reset(16)
+            got = torch.cat([dec.forward(ids[:6], all_logits=True)] + [dec.forward(t[None]) for t in ids[6:]])
+        assert (got - ref).abs().max().item() <= 1e-4, enabled
+    set_adapters_enabled(m, True)
+    with torch.no_grad():
+        on = m(ids[None])[0]
+    assert (on - ref).abs().max().item() > 1e-2  # the adapter changes the outputs it is tested on
+
+
+def test_a_prompt_continuing_the_cached_one_computes_only_its_new_part(monkeypatch):
+    """Prefix reuse in the fast decoder (the next turn of `lmforge chat`): the same tokens as a
+    fresh run, with only the new positions computed, through growth of the cache; a different
+    prompt, or an adapter switched off in between, computes everything again."""
+    from lmforge.finetune.lora import set_adapters_enabled
+
+    m = _random_lora(sharp_tiny(n_kv_heads=2))
+    p = SamplingParams(max_new_tokens=8)
+    dec = fast_decoder_for(m)
+    first = [5, 17, 99, 3, 42, 8, 8, 1]
+    out1 = engine_tokens(m, first, p, monkeypatch)
+    turn2 = first + out1 + [7, 7, 2]
+    out2 = engine_tokens(m, turn2, SamplingParams(max_new_tokens=40), monkeypatch)  # capacity grows
+    assert dec.reused == len(first) + len(out1) - 1  # the reply's last token was never fed
+    assert out2 == generate_naive(m, turn2, SamplingParams(max_new_tokens=40))
+    other = [9, 9, 9, 4]
+    assert engine_tokens(m, other, p, monkeypatch) == generate_naive(m, other, p) and dec.reused == 0
+    set_adapters_enabled(m, False)
+    assert engine_tokens(m, other, p, monkeypatch) == generate_naive(m, other, p) and dec.reused == 0

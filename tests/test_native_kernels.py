@@ -228,3 +228,49 @@ def test_other_builds_of_the_kernels_equal_the_reference(tmp_path, variant, flag
         ref = x.double() @ reference_dequantize(w, qtype, 512).double().T
         err = (matmul(w, qtype, 512, x, lib=lib).double() - ref).abs().max() / ref.abs().max()
         assert err < 1e-5, (variant, name, float(err))
+
+
+@needs_native
+def test_lora_on_gguf_blocks_runs_beside_them(tiny_ggufs):
+    """An adapter on a quantized GGUF leaves the blocks as the file has them: the fast decoder
+    adds the updates beside them (the one-call native step stands aside) with the general
+    engine's logits."""
+    import lmforge
+    from lmforge.fast.decode import FastDecoder
+    from lmforge.finetune.lora import LoraSettings, apply_lora, lora_layers
+    from lmforge.native.linear import BlockLinear
+
+    lm = lmforge.load(str(tiny_ggufs["llama", "q4_0"]), quant="auto", device="cpu")
+    apply_lora(lm.model, LoraSettings(r=4, alpha=8, targets=["attention", "mlp"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lora_layers(lm.model).values():
+            assert isinstance(m.base_layer, BlockLinear)
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
+    lm.model.eval()
+    ids = torch.tensor(lm.tokenizer.encode("The quick brown fox jumps over the lazy dog."))
+    with torch.no_grad():
+        ref = lm.model(ids[None])[0]
+        dec = FastDecoder(lm.model)
+        dec.reset(64)
+        got = torch.cat([dec.forward(ids[:5], all_logits=True)] + [dec.forward(t[None]) for t in ids[5:]])
+    assert dec.native_step() is None
+    assert ((got - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@needs_native
+@pytest.mark.parametrize("rows_out", [96, 1000])
+def test_many_rows_run_through_a_dense_scratch_with_the_kernels_numbers(rows_out, monkeypatch):
+    """From DENSE_FROM_ROWS activation rows on, a layer unpacks its blocks into a scratch matrix
+    (in slices when it exceeds the scratch) and runs sgemm: the same products as the kernels."""
+    from lmforge.native import linear as L
+
+    monkeypatch.setattr(L, "SCRATCH_FLOATS", 256 * 40)  # 1000 output rows: four slices
+    blocks = random_blocks(2, rows_out, 256, seed=3)  # Q4_0
+    layer = L.BlockLinear(blocks, 2, 256)
+    ref = L.reference_dequantize(blocks, 2, 256)
+    for m in (L.DENSE_FROM_ROWS - 1, L.DENSE_FROM_ROWS, 130):
+        x = torch.randn(m, 256)
+        y = layer(x)
+        assert torch.allclose(y, x @ ref.T, atol=1e-4, rtol=1e-4), m
+        assert torch.allclose(y, L.matmul(blocks, 2, 256, x), atol=1e-4, rtol=1e-4), m

@@ -164,3 +164,32 @@ def test_bounded_queue(tiny, tok):
     finally:
         gate.set()
         s.stop()
+
+
+def test_a_prompt_that_continues_a_slot_prefills_only_the_rest(tiny, tok):
+    """Prefix caching: a conversation's next turn (the last prompt + its reply + a new message)
+    and a prompt sharing a system prompt reuse a slot's kept keys/values, with the same tokens
+    as a fresh engine run; an unrelated prompt takes another slot and computes everything."""
+    s = Scheduler(tiny, tok, slots=2, ctx=256)
+    greedy = dict(max_new_tokens=6, temperature=0.0)
+    try:
+        first = tok.encode("System: be brief. User: tell me about the sea")
+        (out,) = run(s, [GenRequest(first, SamplingParams(**greedy))])
+        reply = out[0][0]
+        turn2 = first + reply + tok.encode(" User: and the moon?")
+        other = tok.encode("Completely different words here")
+        shared = first[:6] + tok.encode(" something else entirely")
+        # the reply's last token was sampled but never fed to the model: the slot holds the rest
+        for prompt, reused in ((turn2, len(first) + len(reply) - 1), (other, 0), (shared, 6)):
+            before = (s.stats.prefix_tokens, s.stats.prefill_tokens)
+            (got,) = run(s, [GenRequest(prompt, SamplingParams(**greedy))])
+            assert got[0][0] == engine_tokens(tiny, tok, prompt, SamplingParams(**greedy))
+            assert s.stats.prefix_tokens - before[0] == reused
+            assert s.stats.prefill_tokens - before[1] == len(prompt) - reused
+        # the same prompt again reuses all but its last token (whose logits start the reply)
+        before = s.stats.prefix_tokens
+        (again,) = run(s, [GenRequest(other, SamplingParams(**greedy))])
+        assert again[0][0] == engine_tokens(tiny, tok, other, SamplingParams(**greedy))
+        assert s.stats.prefix_tokens - before == len(other) - 1
+    finally:
+        s.stop()

@@ -81,7 +81,56 @@ class _Parts:
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
+class _LowRank:
+    """A layer (or fused layers) plus LoRA updates kept apart from its weights, so GGUF blocks
+    stay as the file has them: y = base(x) + (x A^T) B^T, where A stacks the adapters' A
+    matrices and B holds their scaled B matrices block by block in the base's output order.
+    `loras` are the model's LoRALinear modules: switching them off skips the update."""
+
+    __slots__ = ("base", "A", "B", "loras")
+
+    def __init__(self, base, A: torch.Tensor, B: torch.Tensor, loras: list):
+        self.base, self.A, self.B, self.loras = base, A, B, loras
+
+    def fold_into(self, norm_weight):
+        return norm_weight  # the update must see the unsmoothed input, so the base keeps its own
+
+    def __call__(self, x):
+        y = self.base(x)
+        if self.loras[0].disabled:
+            return y
+        return y + F.linear(F.linear(x.to(self.A.dtype), self.A), self.B).to(y.dtype)
+
+
+def _is_lora(m) -> bool:
+    return hasattr(m, "lora_A") and hasattr(m, "base_layer")
+
+
+def _with_lora(mods: list[nn.Module], orders: list, build):
+    """`build(bases, orders)` for the layers under any LoRA wrappers, plus their updates."""
+    bases = [m.base_layer if _is_lora(m) else m for m in mods]
+    base = build(bases, orders)
+    loras = [(i, m) for i, m in enumerate(mods) if _is_lora(m) and not m.merged]
+    if not loras:
+        return base
+    offsets = [0]
+    for m in bases:
+        offsets.append(offsets[-1] + m.out_features)
+    A = torch.cat([m.lora_A.weight.detach().float() for _, m in loras])
+    B = torch.zeros(offsets[-1], A.shape[0], device=A.device)
+    r0 = 0
+    for i, m in loras:
+        b = m.lora_B.weight.detach().float() * m.scaling
+        if orders[i] is not None:
+            b = b[orders[i].to(b.device)]
+        B[offsets[i]:offsets[i + 1], r0:r0 + m.r] = b
+        r0 += m.r
+    return _LowRank(base, A, B, [m for _, m in loras])
+
+
 def _fuse(mods: list[nn.Module], orders: list, dtype):
+    if any(_is_lora(m) for m in mods):
+        return _with_lora(mods, orders, lambda bases, o: _fuse(bases, o, dtype))
     if all(isinstance(m, QuantLinear) for m in mods):
         return _Linear(q=fuse_quant_linears(mods, orders), dtype=dtype)
     if all(isinstance(m, BlockLinear) for m in mods):
@@ -111,6 +160,8 @@ def _ordered(m: nn.Module, order, dtype) -> _Linear:
 
 
 def _single(m: nn.Module, dtype) -> _Linear:
+    if _is_lora(m):
+        return _with_lora([m], [None], lambda bases, o: _single(bases[0], dtype))
     if isinstance(m, (QuantLinear, BlockLinear)):
         return _Linear(q=m, dtype=dtype)
     return _Linear(m.weight.detach(), None if m.bias is None else m.bias.detach())
@@ -148,6 +199,8 @@ def unsupported_reason(model) -> str | None:
             return f"forward hooks on {name or 'the model'}"
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
+            if _is_lora(m) and leaf != "lm_head" and not m.training:
+                m = m.base_layer  # LoRA updates are added beside the layer (`_LowRank`)
             if type(m) not in (nn.Linear, QuantLinear, BlockLinear):
                 return f"{name} is a {type(m).__name__} (adapters run on the general engine)"
     return None
@@ -217,6 +270,14 @@ class FastDecoder:
         self.freqs = None  # complex64 [capacity, D/2]
         self.capacity = 0
         self.pos = 0
+        # the token at each cached position, so a prompt that starts the same way (the
+        # conversation so far in `lmforge chat`) computes only its new part (`resume`)
+        self.tokens: list[int] = []
+        self.reused = 0  # prompt tokens the last `resume` found in the cache
+        # switching an adapter on or off changes every cached key: no reuse across the switch
+        self._loras = [m for m in model.modules() if _is_lora(m)]
+        self._lora_state = None
+        self._capacity_wanted = 0
         self.graph = None  # the CUDA-graph stepper of the current sequence (`begin`)
         self._native = False  # the native one-call step (lmforge.native.step), built on first use
 
@@ -230,6 +291,7 @@ class FastDecoder:
         d.qk_norms = [self.qk_norms[i] for i in layer_ids]
         d.ropes = [self.ropes[i] for i in layer_ids]
         d.kv, d.freqs, d.capacity, d.pos = None, None, 0, 0
+        d.tokens = []
         d._native = False
         return d
 
@@ -243,18 +305,50 @@ class FastDecoder:
             self.freqs = torch.polar(torch.ones_like(ang), ang)  # e^{i * pos * freq}
             self.capacity = capacity
         self.pos = 0
+        self.tokens = []
+
+    def resume(self, prompt: list[int], capacity: int) -> torch.Tensor:
+        """Logits [1, V] after `prompt`, computing only the positions the cache does not already
+        hold for it (all but the longest prefix shared with the cached tokens, and always the last
+        token, whose logits start the reply). The buffers grow to `capacity`, keeping that prefix."""
+        keep = 0
+        state = tuple(m.disabled for m in self._loras)
+        if state != self._lora_state:
+            self.tokens, self._lora_state = [], state
+        for a, b in zip(self.tokens[: self.pos], prompt[:-1]):
+            if a != b:
+                break
+            keep += 1
+        if capacity > self.capacity:
+            old, kept = self.kv, self.tokens[:keep]
+            self.reset(max(capacity, 2 * self.capacity))
+            if keep:
+                self.kv[:, :, :, :keep].copy_(old[:, :, :, :keep])
+            self.tokens = kept
+        self.pos = keep
+        del self.tokens[keep:]
+        self.reused = keep
+        return self.forward(torch.tensor(prompt[keep:], device=self.device))
+
+    def _record(self, p0: int, ids: torch.Tensor) -> None:
+        if len(self.tokens) == p0:
+            self.tokens.extend(ids.tolist())
+        else:  # positions were filled elsewhere (CUDA-graph steps): nothing here is known any more
+            self.tokens = []
 
     def rollback(self, pos: int) -> None:
         """Forget everything after `pos` tokens (rejected speculative tokens)."""
         self.pos = pos
+        del self.tokens[pos:]
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Append token ids [T] at the current position; fp32 logits [T, V] (or [1, V], last)."""
         T = ids.shape[0]
+        p0 = self.pos
+        self._record(p0, ids)
         if T == 1 and self.native_step() is not None:
             return self._native(self, int(ids[0]))
-        p0 = self.pos
         S = p0 + T
         if S > self.capacity:
             raise ValueError(f"KV cache full: {S} tokens > capacity {self.capacity}")
@@ -324,14 +418,15 @@ class FastDecoder:
         """Start a sequence of at most `capacity` tokens: per-token steps replay CUDA graphs on a
         GPU (`lmforge.fast.cuda_graph`), else run `forward`."""
         self.graph = _graph_backend(self)
-        if self.graph is None:
-            self.reset(capacity)
-        else:
+        self._capacity_wanted = capacity
+        if self.graph is not None:
             self.graph.begin(capacity)
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         (prompt,) = prompts
-        return self.forward(torch.tensor(prompt, device=self.device))
+        if self.graph is not None:  # the graphs' window was just emptied (`begin`)
+            return self.forward(torch.tensor(prompt, device=self.device))
+        return self.resume(prompt, self._capacity_wanted)
 
     def step(self, tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """The next logits [1, V] after `tokens` [1] (one row: `rows` is [0])."""

@@ -272,11 +272,10 @@ def speculate(target: FastDecoder, prompt: list[int], row, draft, k: int = 4,
         raise LmforgeError("speculative decoding is exact only for greedy decoding (temperature 0, no repetition penalty)")
     stats = stats if stats is not None else SpecStats()
     drafter = make_drafter(target, draft)
-    target.reset(row.capacity)
     drafter.start(prompt, row.capacity)
     ctx = list(prompt)
     dev = target.device
-    nxt = int(target.forward(torch.tensor(prompt, device=dev))[-1].argmax())
+    nxt = int(target.resume(prompt, row.capacity)[-1].argmax())
     stats.target_calls += 1
     while True:
         # `nxt` is the target's greedy token at the end of ctx: emit it

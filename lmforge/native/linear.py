@@ -7,6 +7,8 @@ the same module dequantizes its weight once (gguf's reference dequantizer) and r
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -26,6 +28,38 @@ def dequantize(blocks: torch.Tensor, qtype: int, cols: int) -> torch.Tensor:
         if rc == 0:
             return out
     return reference_dequantize(blocks, qtype, cols)
+
+
+# From this many activation rows on, unpacking the blocks once into a scratch matrix and running
+# PyTorch's sgemm beats the kernels, which unpack each group once per 16 rows (measured on 2
+# cores: kernels 1.4x faster at 32 rows, sgemm 1.6x faster at 128 and 3x at 512: prompt prefill).
+DENSE_FROM_ROWS = 64
+_scratch = threading.local()
+
+
+SCRATCH_FLOATS = 1 << 22  # 16 MiB per thread: every layer of a small model at once, an output head in slices
+
+
+def _dense_matmul(blocks: torch.Tensor, qtype: int, cols: int, x: torch.Tensor) -> torch.Tensor | None:
+    """x @ W^T through a per-thread scratch copy of W (slices of rows at a time), dequantized
+    natively; None if the kernels refuse the type."""
+    rows = blocks.shape[0]
+    step = max(1, min(rows, SCRATCH_FLOATS // cols))
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < step * cols:
+        buf = _scratch.buf = torch.empty(step * cols, dtype=torch.float32)
+    x = x.float()
+    y = torch.empty(x.shape[0], rows, dtype=torch.float32) if step < rows else None
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        w = buf[: n * cols].view(n, cols)
+        part = blocks[r0 : r0 + n]
+        if native.library().lmf_dequant(qtype, part.data_ptr(), n, blocks.shape[1], cols, w.data_ptr(), torch.get_num_threads()):
+            return None
+        if y is None:
+            return F.linear(x, w)
+        y[:, r0 : r0 + n] = F.linear(x, w)
+    return y
 
 
 def reference_dequantize(blocks: torch.Tensor, qtype: int, cols: int) -> torch.Tensor:
@@ -59,6 +93,7 @@ class BlockLinear(nn.Module):
 
     scheme = "gguf"
     inv_smooth = None  # the fast decoder's QuantLinear interface: no input smoothing
+    is_quantized_linear = True  # LoRA wraps it as it wraps any linear layer (lmforge.finetune.lora)
 
     def __init__(self, blocks: torch.Tensor, qtype: int, in_features: int, bias: torch.Tensor | None = None,
                  out_dtype=torch.float32):
@@ -83,7 +118,11 @@ class BlockLinear(nn.Module):
     def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
         """[M, in] fp32 -> [M, out] fp32."""
         if self.blocks.device.type == "cpu" and runs_natively(self.qtype):
-            y = matmul(self.blocks, self.qtype, self.in_features, x)
+            y = None
+            if x.shape[0] >= DENSE_FROM_ROWS:
+                y = _dense_matmul(self.blocks, self.qtype, self.in_features, x)
+            if y is None:
+                y = matmul(self.blocks, self.qtype, self.in_features, x)
         else:  # no kernels here, or the layer was moved to a GPU: its dequantized weight, once
             if self._dense is None or self._dense.device != self.blocks.device:
                 self._dense = dequantize(self.blocks.cpu(), self.qtype, self.in_features).to(self.blocks.device)

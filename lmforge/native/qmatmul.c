@@ -28,7 +28,14 @@
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
-#define NX 4 /* activation rows that share each unpacked weight group (prefill reuses the unpacking) */
+/* activation rows that share each unpacked weight group (a decode batch, a prompt): one
+ * accumulator register each, so as many as the registers allow (AVX-512: 32 zmm, AVX2: 16 ymm;
+ * measured at 32 rows on 2 cores: 4 -> 16 rows is 1.6x faster) */
+#ifdef __AVX512F__
+#define NX 16
+#else
+#define NX 8
+#endif
 
 static inline float f16(const uint8_t *p) {
     uint16_t h = (uint16_t)(p[0] | (p[1] << 8));

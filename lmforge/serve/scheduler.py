@@ -148,6 +148,7 @@ class SchedulerStats:
     prefill_tokens: int = 0
     tokens: int = 0
     requests: int = 0
+    prefix_tokens: int = 0  # prompt tokens whose keys/values a slot already held (not recomputed)
 
 
 class Scheduler:
@@ -165,6 +166,12 @@ class Scheduler:
         self.stop_ids = tokenizer.stop_ids()
         self.cache = None  # allocated when the thread starts
         self.free = list(range(slots))
+        # the tokens whose keys/values each slot holds (its cache length), kept after a request
+        # ends: a new prompt that starts the same way (the conversation so far, a shared system
+        # prompt) goes to that slot and prefills only the rest
+        self.slot_tokens: list[list[int]] = [[] for _ in range(slots)]
+        self.slot_used = [0] * slots  # admission counter when each slot was last taken (LRU)
+        self._admissions = 0
         self.waiting: collections.deque[Handle] = collections.deque()
         self.active: list[_Seq] = []
         self.prefilling: list[list[_Seq]] = []  # groups (n choices) whose prompt is not in yet
@@ -185,11 +192,27 @@ class Scheduler:
                 self._thread = threading.Thread(target=self._run, name="lmforge-scheduler", daemon=True)
                 self._thread.start()
 
+    def run_here(self) -> None:
+        """Run the scheduler on the calling thread until `stop` (`lmforge serve` gives it the main
+        thread and the HTTP server another). On 2 cores this halves the time per step: once a
+        second thread also starts OpenMP work, libgomp manages more threads than there are CPUs
+        and stops spinning between parallel regions, and a step has ~200 such regions."""
+        self.claim_current_thread()
+        self._run()
+
+    def claim_current_thread(self) -> None:
+        """Mark the calling thread as the scheduler's before `run_here` (so `start` from the
+        server's startup does not launch another)."""
+        with self._lock:
+            if self._thread is not threading.current_thread():
+                self._stop = False
+                self._thread = threading.current_thread()
+
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread() and self._thread is not threading.main_thread():
             self._thread.join(timeout)
 
     def wake(self) -> None:
@@ -275,8 +298,7 @@ class Scheduler:
                     return  # first come, first served: a large n waits rather than being overtaken
                 h = self.waiting.popleft()
             req = h.req
-            slots = [self.free.pop(0) for _ in range(req.n)]
-            self.cache.reset(slots)
+            slots, reused = self._take_slots(req.prompt, req.n)
             group = []
             for i, slot in enumerate(slots):
                 seed = (req.params.seed + i) % (1 << 63) if req.params.seed is not None else random.getrandbits(62)
@@ -289,8 +311,37 @@ class Scheduler:
                 if req.json_mode:
                     s.json_state = json_mode.advance(json_mode.initial_state(), req.json_prefix.encode())
                 group.append(s)
+            group[0].prefilled = reused
             self.stats.requests += 1
+            self.stats.prefix_tokens += reused
             self.prefilling.append(group)
+
+    def _take_slots(self, prompt: list[int], n: int) -> tuple[list[int], int]:
+        """`n` free slots for a prompt, the first the one whose kept tokens share the longest
+        prefix with it (else the least recently used), and how many prompt tokens it keeps.
+        At least the prompt's last token is always computed again: its logits start the reply."""
+        def shared(slot):
+            held, k = self.slot_tokens[slot], 0
+            for a, b in zip(held, prompt[: len(prompt) - 1]):
+                if a != b:
+                    break
+                k += 1
+            return k
+
+        best = max(self.free, key=lambda sl: (shared(sl), -self.slot_used[sl]))
+        keep = shared(best)
+        rest = sorted((sl for sl in self.free if sl != best), key=lambda sl: self.slot_used[sl])[: n - 1]
+        slots = [best] + rest
+        for sl in slots:
+            self.free.remove(sl)
+            self._admissions += 1
+            self.slot_used[sl] = self._admissions
+        self.cache.reset(slots)
+        self.cache.lengths[best] = keep
+        del self.slot_tokens[best][keep:]
+        for sl in rest:
+            self.slot_tokens[sl] = []
+        return slots, keep
 
     def _prefill_step(self) -> None:
         """One forward over a chunk of every prefilling prompt (its first choice's slot)."""
@@ -314,6 +365,8 @@ class Scheduler:
         # hidden states only: the output head runs on each row's last position, not T x vocab
         h = self.model(idx, cache=self.cache, rows=slots, n_new=n_new, hidden_only=True)
         self.stats.prefill_tokens += int(n_new.sum())
+        for group, chunk in zip(rows, chunks):
+            self.slot_tokens[group[0].slot].extend(chunk)
         done_rows, done_groups = [], []
         for b, group in enumerate(rows):
             group[0].prefilled += len(chunks[b])
@@ -333,6 +386,7 @@ class Scheduler:
                     kb[s.slot, :, :L] = kb[lead.slot, :, :L]
                     vb[s.slot, :, :L] = vb[lead.slot, :, :L]
                 self.cache.lengths[s.slot] = L
+                self.slot_tokens[s.slot] = list(lead.handle.req.prompt)
             for s in group:
                 s.prefilled = L
                 self.active.append(s)
@@ -341,6 +395,8 @@ class Scheduler:
     def _decode_step(self, seqs: list[_Seq]) -> None:
         tokens = torch.tensor([[s.pending] for s in seqs], device=self.device)
         rows = torch.tensor([s.slot for s in seqs], device=self.device)
+        for s in seqs:
+            self.slot_tokens[s.slot].append(s.pending)
         logits = self.model(tokens, cache=self.cache, rows=rows)[:, -1].float()
         self.stats.steps += 1
         self.stats.rows += len(seqs)
@@ -475,6 +531,9 @@ class Scheduler:
         s.handle.push(Event(s.index, text=tail, finish=reason, completion_tokens=s.generated))
 
     def _fail_all(self, msg: str, finish: str = "error") -> None:
+        self.slot_tokens = [[] for _ in range(self.slots)]  # a failed forward leaves no cache to trust
+        if self.cache is not None:
+            self.cache.reset()
         for s in self.active:
             if not s.done:
                 s.done = True

@@ -411,6 +411,130 @@ def lookup_check(text: str, value: str, relpath: str) -> dict:
     return {"fact": fact, "cited": cited, "correct": fact and cited}
 
 
+# -- the python tool: programs for what a calculator cannot do, and plots ----------------------------
+@dataclass(frozen=True)
+class PythonTask:
+    """A question whose answer a short program computes (or draws, when `plot`)."""
+
+    kind: str
+    question: str
+    code: str
+    answer: str  # "{out}": the program's printed output, stripped
+    plot: bool = False
+
+
+_WORDS = ["river", "garden", "lantern", "harbour", "meadow", "copper", "whisper", "orchard", "thunder", "velvet",
+          "pebble", "compass", "saffron", "glacier", "timber", "marble", "falcon", "ember", "tulip", "canyon"]
+_CURVES = [("sin(x)", "np.sin(x)"), ("cos(x)", "np.cos(x)"), ("x^2", "x**2"), ("x^3 - 3x", "x**3 - 3*x"),
+           ("exp(-x/3) sin(2x)", "np.exp(-x / 3) * np.sin(2 * x)"), ("1/(1 + x^2)", "1 / (1 + x**2)"),
+           ("tanh(x)", "np.tanh(x)"), ("|x|", "np.abs(x)"), ("sqrt(|x|)", "np.sqrt(np.abs(x))"), ("x sin(x)", "x * np.sin(x)")]
+_PLOT_PHRASES = ["Plot {f} for x from {a} to {b}.", "Draw a graph of {f} from x = {a} to {b}.",
+                 "Can you plot y = {f} between {a} and {b}?", "Show me a plot of {f} on [{a}, {b}]."]
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def _python_task(rng: random.Random, kind: str) -> PythonTask:
+    if kind == "fibonacci":
+        n = rng.randint(20, 90)
+        return PythonTask(kind, f"What is the {_ordinal(n)} Fibonacci number?",
+                          f"a, b = 0, 1\nfor _ in range({n}):\n    a, b = b, a + b\nprint(a)",
+                          f"The {_ordinal(n)} Fibonacci number is {{out}}.")
+    if kind == "primes":
+        n = rng.choice([100, 500, 1000, 2000, 5000, 10000, 50000]) + rng.randint(0, 99)
+        return PythonTask(kind, rng.choice([f"How many prime numbers are there below {n}?", f"Count the primes less than {n}."]),
+                          f"n = {n}\nsieve = [True] * n\nsieve[0:2] = [False, False]\nfor i in range(2, int(n ** 0.5) + 1):\n"
+                          "    if sieve[i]:\n        sieve[i * i::i] = [False] * len(sieve[i * i::i])\nprint(sum(sieve))",
+                          f"There are {{out}} primes below {n}.")
+    if kind == "squares":
+        n = rng.randint(10, 500)
+        return PythonTask(kind, f"What is the sum of the squares of the integers from 1 to {n}?",
+                          f"print(sum(i * i for i in range(1, {n + 1})))", f"The sum of the squares from 1 to {n} is {{out}}.")
+    if kind == "letters":
+        words = " ".join(rng.sample(_WORDS, rng.randint(3, 6)))
+        c = rng.choice(sorted(set(words.replace(" ", ""))))
+        return PythonTask(kind, f"How many times does the letter '{c}' appear in \"{words}\"?",
+                          f"print({words!r}.count({c!r}))", f"The letter '{c}' appears {{out}} times.")
+    if kind == "reverse":
+        w = rng.choice(_WORDS) + rng.choice(_WORDS)
+        return PythonTask(kind, rng.choice([f"Reverse the string \"{w}\".", f"What is \"{w}\" spelled backwards?"]),
+                          f"print({w!r}[::-1])", f"\"{w}\" reversed is \"{{out}}\".")
+    if kind == "sort":
+        xs = [rng.randint(-99, 999) for _ in range(rng.randint(6, 10))]
+        return PythonTask(kind, f"Sort these numbers from smallest to largest: {', '.join(map(str, xs))}.",
+                          f"print(sorted({xs}))", "Sorted: {out}.")
+    if kind == "dates":
+        y = rng.randint(1990, 2030)
+        m1, m2 = rng.randint(1, 6), rng.randint(7, 12)
+        d1, d2 = rng.randint(1, 28), rng.randint(1, 28)
+        a, b = f"{y}-{m1:02d}-{d1:02d}", f"{y + rng.randint(0, 3)}-{m2:02d}-{d2:02d}"
+        return PythonTask(kind, f"How many days are there between {a} and {b}?",
+                          f"from datetime import date\nprint((date.fromisoformat({b!r}) - date.fromisoformat({a!r})).days)",
+                          f"There are {{out}} days between {a} and {b}.")
+    if kind == "divisors":
+        n = rng.randint(100, 5000)
+        return PythonTask(kind, f"List all the divisors of {n}.", f"n = {n}\nprint([d for d in range(1, n + 1) if n % d == 0])",
+                          f"The divisors of {n} are {{out}}.")
+    if kind == "plot":
+        (name, expr), (a, b) = rng.choice(_CURVES), rng.choice([(-5, 5), (0, 10), (-3, 3), (0, 6), (-10, 10), (-2, 4)])
+        code = ("import numpy as np\nimport matplotlib.pyplot as plt\n"
+                f"x = np.linspace({a}, {b}, 400)\nplt.plot(x, {expr})\nplt.xlabel(\"x\")\nplt.ylabel(\"y\")\n"
+                f"plt.title(\"y = {name}\")\nplt.grid(True)\nplt.show()")
+        return PythonTask(kind, rng.choice(_PLOT_PHRASES).format(f=name, a=a, b=b), code,
+                          f"Here is the plot of y = {name} for x from {a} to {b}.", plot=True)
+    if kind == "bars":
+        labels = rng.sample(["apples", "pears", "plums", "figs", "kiwis", "limes", "dates", "cherries"], rng.randint(3, 5))
+        vals = [rng.randint(1, 40) for _ in labels]
+        pairs = ", ".join(f"{k} {v}" for k, v in zip(labels, vals))
+        code = ("import matplotlib.pyplot as plt\n"
+                f"plt.bar({labels}, {vals})\nplt.ylabel(\"count\")\nplt.title(\"Fruit counts\")\nplt.show()")
+        return PythonTask(kind, f"Make a bar chart of these counts: {pairs}.", code,
+                          "Here is the bar chart of the counts.", plot=True)
+    raise ValueError(f"unknown python task kind {kind!r}")
+
+
+PYTHON_KINDS = ("fibonacci", "primes", "squares", "letters", "reverse", "sort", "dates", "divisors")
+PLOT_KINDS = ("plot", "bars")
+
+
+def python_tasks(n: int, seed: int, kinds: tuple[str, ...] = PYTHON_KINDS) -> list[PythonTask]:
+    """`n` seeded tasks, the kinds in turn."""
+    rng = random.Random(seed)
+    return [_python_task(rng, kinds[i % len(kinds)]) for i in range(n)]
+
+
+def python_record(t: PythonTask, tools: list[dict] | None = None, call_id: str = "call_0") -> dict:
+    """Question -> python call -> the sandbox's real result -> the answer. Raises when the program
+    fails, or a plot draws no figure, in this sandbox (the data would teach a broken call)."""
+    from lmforge.tools import get_tools
+    from lmforge.tools.protocol import execute_tool_call
+
+    call = {"id": call_id, "type": "function", "function": {"name": "python", "arguments": json.dumps({"code": t.code})}}
+    result = execute_tool_call(call, get_tools("python"))["content"]
+    if result.startswith("Error") or "[exit code" in result or "stderr:" in result:
+        raise ValueError(f"the {t.kind} program failed in the sandbox: {result[:200]}")
+    if t.plot and "figure" not in result.lower():
+        raise ValueError(f"the {t.kind} program drew no figure the sandbox returned: {result[:200]}")
+    out = result.strip()
+    return {
+        "messages": [
+            {"role": "user", "content": t.question},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call_id, "content": result},
+            {"role": "assistant", "content": t.answer.format(out=out)},
+        ],
+        "tools": tools if tools is not None else tool_schemas_for("python"),
+    }
+
+
+def plain_record(question: str, reply: str, tools: list[dict]) -> dict:
+    """A question no tool helps with, answered directly although tools are offered (the reply is
+    the base model's own, so the adapter keeps its manners)."""
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}], "tools": tools}
+
+
 # -- many tool conversations at once (eval) -------------------------------------------------------
 def tool_round(text: str, messages: list[dict], tools, at_limit: bool = False) -> bool:
     """Append one assistant turn (and its tool results) exactly as `run_tool_loop` does; True when

@@ -46,4 +46,27 @@ def run(cfg: Config) -> None:
     kv_mb = 2 * mc.n_layers * sched.slots * mc.n_kv_heads * (sched.ctx + 1) * mc.head_dim * lm.model.lm_head.weight.element_size() / 2**20
     print(f"serving {app.state.model_id} on http://{cfg.host}:{cfg.port}  ({sched.slots} slots x {sched.ctx} tokens, "
           f"KV cache {kv_mb:.0f} MiB; {runtime_summary(lm, cfg)}; chat page at /, API at /v1)", file=sys.stderr)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    serve_on_threads(app, uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)))
+
+
+def serve_on_threads(app, server) -> None:
+    """The model's scheduler on this (main) thread, the HTTP server on another: the thread that
+    loaded the model keeps its OpenMP work (`Scheduler.run_here` says why)."""
+    import threading
+
+    sched = app.state.scheduler
+    sched.claim_current_thread()
+    http = threading.Thread(target=server.run, name="lmforge-http", daemon=True)
+    http.start()
+    watcher = threading.Thread(target=lambda: (http.join(), sched.stop()), daemon=True)
+    watcher.start()  # the server ending (startup failed, or shut down) ends the scheduler
+    try:
+        sched.run_here()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        sched.stop()
+        http.join(10)
+    if not server.started:
+        raise LmforgeError(f"the HTTP server did not start on {server.config.host}:{server.config.port} (its log above says why)")
