@@ -445,6 +445,7 @@ class Transformer(nn.Module):
         hidden_only: bool = False,
         collect_hidden: list | None = None,
         targets: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T].
 
@@ -459,9 +460,11 @@ class Transformer(nn.Module):
         every layer (n_layers + 1 tensors, before the final norm) for inspection.
         `targets` [B, T] (next-token ids, -100 = no loss) returns the mean cross-entropy instead
         of logits: the loss is computed inside forward so DDP, FSDP and the compiler see it.
+        `inputs_embeds` [B, T, C], when given, stands in for the token embeddings of `idx` (a
+        vision-language model puts image features at its image tokens, `lmforge.vision.vlm`).
         """
         B, T = idx.shape
-        x = self.model.embed_tokens(idx)
+        x = self.model.embed_tokens(idx) if inputs_embeds is None else inputs_embeds
         if self.cfg.embed_scale:  # Gemma: sqrt(d_model), rounded to the activations' dtype first
             x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype)
         mask, S = None, T

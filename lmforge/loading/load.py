@@ -180,11 +180,17 @@ def load_model(model=None, dtype="fp32", device="cpu", quant: str = "none") -> t
     if quant == "gguf" and not _quantized_gguf(model):
         raise LmforgeError(f"--quant gguf runs a quantized GGUF file's own blocks; {resolve_model_path(model)} is not one")
     adapter = adapter_folder(model)
+    vlm = _vlm_folder(model) if adapter is None else None
     if adapter is not None:
         from lmforge.finetune.lora import load_adapter_model
 
         m, tok = load_adapter_model(adapter, dtype=dtype, device=device)
         path = adapter
+    elif vlm is not None:  # Idefics3 / SmolVLM: vision encoder + this text model (lmforge.vision)
+        from lmforge.vision.load import load_vlm
+
+        m, tok = load_vlm(vlm, dtype, device)
+        path = vlm
     else:
         cfg, state, tok, path = read_model_files(model, dtype, blocks=quant == "gguf")
         m = build_model(cfg, state, device)
@@ -192,8 +198,27 @@ def load_model(model=None, dtype="fp32", device="cpu", quant: str = "none") -> t
     if quant and quant not in ("none", "gguf"):
         from lmforge.quant import quantize_model
 
-        m = quantize_model(m, quant, tokenizer=tok)  # the tokenizer feeds its calibration text
+        if vlm is not None:  # the text model only: the vision encoder runs once per image
+            m.text = quantize_model(m.text, quant, tokenizer=tok)
+        else:
+            m = quantize_model(m, quant, tokenizer=tok)  # the tokenizer feeds its calibration text
     return m, tok
+
+
+def _vlm_folder(model) -> Path | None:
+    """The folder when `model` names an Idefics3 / SmolVLM model folder (or a run folder's checkpoint of one)."""
+    try:
+        path = resolve_model_path(model)
+    except LmforgeError:
+        return None  # the text loader says what is wrong, in its own words
+    if not path.is_dir():
+        return None
+    from lmforge.vision.load import vlm_folder
+
+    try:
+        return vlm_folder(resolve_run_folder(path))
+    except LmforgeError:
+        return None
 
 
 def load_tokenizer(model=None) -> Tokenizer:
