@@ -80,11 +80,35 @@ class LM:
             if stream:
                 raise LmforgeError("stream=True with executed tools is not supported; use chat_with_tools(on_text=...)")
             return self.chat_with_tools(messages, tools, **kw)[-1]["content"]
-        ids = self.encode_chat(messages, tools=tools)
+        seen = self.encode_images(messages) if not tools else None
+        ids, images = seen if seen is not None else (self.encode_chat(messages, tools=tools), None)
         params = sampling_params(self.model, **kw)
+        stops = self.stop_ids()
         if stream:
-            return (piece for _, piece in stream_text(self.model, self.tokenizer, [ids], params))
-        return generate_text(self.model, self.tokenizer, [ids], params)[0]["text"]
+            return (piece for _, piece in stream_text(self.model, self.tokenizer, [ids], params, images, stops))
+        return generate_text(self.model, self.tokenizer, [ids], params, images, stops)[0]["text"]
+
+    def encode_images(self, messages: list[dict]) -> tuple[list[int], tuple] | None:
+        """(prompt ids, (pixel_values, pixel_attention_mask)) when a message holds image parts
+        (`{"type": "image", "path" | "data" | "image": ...}` or OpenAI's `image_url` data URLs);
+        None when none does. A model that cannot see is a clear error."""
+        from lmforge.vision.prompt import has_images
+
+        if not has_images(messages):
+            return None
+        if not hasattr(self.model, "render_chat"):
+            raise LmforgeError(f"{getattr(self.model, 'source_path', 'this model')} does not take images "
+                               "(a vision-language model such as SmolVLM does)")
+        p = self.model.render_chat(self.tokenizer, messages)
+        return p.ids, (p.pixel_values, p.pixel_attention_mask)
+
+    def stop_ids(self) -> set[int]:
+        """The tokens that end a reply (a vision-language model's `<end_of_utterance>` too)."""
+        if not hasattr(self.model, "render_chat"):
+            return set(self.tokenizer.stop_ids())
+        from lmforge.vision.generate import reply_stop_ids
+
+        return reply_stop_ids(self.tokenizer)
 
     def chat_with_tools(self, messages: list[dict], tools, max_steps: int = 5, on_text=None, on_message=None, **kw) -> list[dict]:
         """Let the model call tools (names like "calculator,python,search" or Tool objects) until it

@@ -47,23 +47,34 @@ def _prefill(model, cache, prompts: list[list[int]], device) -> torch.Tensor:
 
 
 class CacheBackend:
-    """The general backend: the model's forward with a KV cache of one row per prompt."""
+    """The general backend: the model's forward with a KV cache of one row per prompt.
+    `images`: (pixel_values, pixel_attention_mask) of a vision-language model's one prompt, whose
+    image tokens take their features in the prefill (`lmforge.vision`)."""
 
-    def __init__(self, model, batch: int, capacity: int):
+    def __init__(self, model, batch: int, capacity: int, images: tuple | None = None):
         self.model = model
         self.device = next(model.parameters()).device  # (a GGUF head has no weight tensor to ask)
         self.cache = model.new_cache(batch, capacity)
+        self.images = images
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        return _prefill(self.model, self.cache, prompts, self.device)
+        if self.images is None:
+            return _prefill(self.model, self.cache, prompts, self.device)
+        (prompt,) = prompts
+        pv, mask = (None if t is None else t.to(self.device) for t in self.images)
+        return self.model(torch.tensor([prompt], device=self.device), pv, mask, cache=self.cache)[:, -1].float()
 
     def step(self, tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
         logits = self.model(tokens[:, None], cache=self.cache, rows=torch.tensor(rows, device=self.device))
         return logits[:, -1].float()
 
 
-def _backend(model, prompts: list[list[int]], capacity: int):
+def _backend(model, prompts: list[list[int]], capacity: int, images: tuple | None = None):
     """The fused decoder for one prompt where it supports the model, else the KV-cache backend."""
+    if images is not None:
+        if len(prompts) != 1:
+            raise ValueError("prompts with images are generated one at a time")
+        return CacheBackend(model, 1, capacity, images)
     if len(prompts) == 1:
         from lmforge.fast.decode import fast_decoder_for
 
@@ -82,12 +93,14 @@ def generate_tokens(
     stop_ids: set[int] | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
     finished: dict[int, str] | None = None,
+    images: tuple | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Yield (row, token_id) as tokens are produced; a row ends on a stop id, `should_stop(row,
     produced)`, the token budget, or the context limit. `finished`, when given, receives each
-    row's reason as it ends ("stop" or "length": the budget or the context)."""
+    row's reason as it ends ("stop" or "length": the budget or the context). `images`:
+    (pixel_values, pixel_attention_mask) for a vision-language model's one prompt."""
     rows = start_rows(params, prompts, model.cfg, next(model.parameters()).device, stop_ids, should_stop)
-    backend = _backend(model, prompts, rows[0].capacity)
+    backend = _backend(model, prompts, rows[0].capacity, images)
     if not isinstance(backend, CacheBackend) and params.draft not in (None, "none"):
         from lmforge.fast.speculative import resolve_draft, speculate
 
@@ -188,7 +201,8 @@ class TextStream:
         return full[: self.emitted] if self.stopped else full
 
 
-def stream_text(model, tokenizer, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[int, str]]:
+def stream_text(model, tokenizer, prompts: list[list[int]], params: SamplingParams, images: tuple | None = None,
+                stop_ids: set[int] | None = None) -> Iterator[tuple[int, str]]:
     """Yield (row, text piece) as text becomes final; stop strings end a row and are not emitted."""
     streams = [TextStream(tokenizer, params.stop) for _ in prompts]
     pending: dict[int, str] = {}
@@ -197,7 +211,8 @@ def stream_text(model, tokenizer, prompts: list[list[int]], params: SamplingPara
         pending[b] = streams[b].push(_ids[-1])
         return streams[b].stopped
 
-    for b, _tok in generate_tokens(model, prompts, params, stop_ids=tokenizer.stop_ids(), should_stop=should_stop):
+    for b, _tok in generate_tokens(model, prompts, params, stop_ids=stop_ids or tokenizer.stop_ids(), should_stop=should_stop,
+                                   images=images):
         piece = pending.pop(b, "")
         if piece:
             yield b, piece
@@ -207,7 +222,8 @@ def stream_text(model, tokenizer, prompts: list[list[int]], params: SamplingPara
             yield b, tail
 
 
-def generate_text(model, tokenizer, prompts: list[list[int]], params: SamplingParams) -> list[dict]:
+def generate_text(model, tokenizer, prompts: list[list[int]], params: SamplingParams, images: tuple | None = None,
+                  stop_ids: set[int] | None = None) -> list[dict]:
     """Complete texts per row with token counts and why each row finished."""
     streams = [TextStream(tokenizer, params.stop) for _ in prompts]
     counts = [0] * len(prompts)
@@ -217,8 +233,8 @@ def generate_text(model, tokenizer, prompts: list[list[int]], params: SamplingPa
         return streams[b].stopped
 
     finished: dict[int, str] = {}
-    for b, _tok in generate_tokens(model, prompts, params, stop_ids=tokenizer.stop_ids(), should_stop=should_stop,
-                                   finished=finished):
+    for b, _tok in generate_tokens(model, prompts, params, stop_ids=stop_ids or tokenizer.stop_ids(), should_stop=should_stop,
+                                   finished=finished, images=images):
         counts[b] += 1
     out = []
     for b, s in enumerate(streams):

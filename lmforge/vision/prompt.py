@@ -65,6 +65,12 @@ class VisionPrompt:
         return None if self.images is None else self.images.pixel_attention_mask
 
 
+def has_images(messages: list[dict]) -> bool:
+    """Whether any message holds an image part."""
+    return any(isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") in ("image", "image_url")
+                                                          for p in m["content"]) for m in messages)
+
+
 def split_images(messages: list[dict]) -> tuple[list[dict], list]:
     """(messages whose image parts are bare `{"type": "image"}` for the template, the images in
     order). An image part is `{"type": "image", "image": PIL image | path | bytes}` or OpenAI's
@@ -91,10 +97,15 @@ def split_images(messages: list[dict]) -> tuple[list[dict], list]:
 
 def _image_of(part: dict, i: int):
     if part.get("type") == "image":
-        for key in ("image", "path", "url"):
+        if isinstance(part.get("data"), str):  # base64 text, as JSON carries bytes
+            try:
+                return base64.b64decode(part["data"].split(",", 1)[-1], validate=True)
+            except ValueError:
+                raise LmforgeError(f"message {i}: an image part's 'data' is not valid base64") from None
+        for key in ("image", "path", "data", "url"):
             if part.get(key) is not None:
                 return part[key]
-        raise LmforgeError(f"message {i}: an image part needs 'image' (a PIL image, path or bytes)")
+        raise LmforgeError(f"message {i}: an image part needs 'path', 'data' (bytes or base64) or 'image' (a PIL image)")
     url = part.get("image_url")
     url = url.get("url") if isinstance(url, dict) else url
     if not isinstance(url, str) or not url.startswith("data:"):
