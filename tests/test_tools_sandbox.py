@@ -549,7 +549,8 @@ def test_refuses_on_other_platforms(monkeypatch):
 
 
 def test_python_tool_text():
-    assert sandbox.python_tool("print(6 * 7)") == "42"
-    out = sandbox.python_tool("print('a')\nraise ValueError('bad')")
+    r = sandbox.python_tool("print(6 * 7)")
+    assert r.text == "42" and r.figures == []  # figures: tests/test_tools_figures.py
+    out = sandbox.python_tool("print('a')\nraise ValueError('bad')").text
     assert out.startswith("a\nstderr:\nTraceback") and "ValueError: bad" in out and "[exit code 1]" in out
-    assert "[stopped: wall-clock timeout" in sandbox.python_tool("while True: pass", timeout_s=0.5)
+    assert "[stopped: wall-clock timeout" in sandbox.python_tool("while True: pass", timeout_s=0.5).text

@@ -1,7 +1,10 @@
 """The OpenAI-compatible HTTP API and the web chat page: `create_app(model, tokenizer, cfg)`.
 
 Routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (streaming SSE or
-not), `GET /health`, and the chat page at `/` (assets under `/static`, all local).
+not), `GET /health`, and the chat page at `/` (assets under `/static`, all local). With
+`--tools`, the page's own routes `GET /v1/tools` (their schemas) and `POST /v1/tools/run` (one
+OpenAI tool call -> the `tool` message; a python program's figures as data: URLs in its extra
+`figures` field) let the page run the calls the model writes.
 "System 2" (`"system2": {"mode": "vote" | "best_of_n", "n": N}` in a request): the scheduler
 samples N choices (choice i seeded with seed + i), `lmforge.align.system2.choose` keeps one, and
 the answer is that one choice, with `choice["system2"]` saying how it was chosen. Streaming
@@ -20,7 +23,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -36,7 +39,7 @@ from lmforge.engine import SamplingParams, recommended_sampling
 from lmforge.errors import LmforgeError
 from lmforge.serve.json_mode import key_constraint as json_mode_keys
 from lmforge.serve.schemas import (AUTH_ERRORS, GENERATION_ERRORS, MODEL_ERRORS, APIError, ChatCompletionRequest,
-                                   CompletionRequest, error_body)
+                                   CompletionRequest, ToolCall, error_body)
 from lmforge.serve.scheduler import GenRequest, QueueFull, Scheduler
 
 log = logging.getLogger("lmforge.serve")
@@ -60,6 +63,7 @@ class ServeConfig:
     prefill_chunk: int = 512  # prompt tokens per prefill forward (bounds others' stall)
     model_id: str | None = None  # name in /v1/models (default: the model's id or file name)
     reward_model: str | None = None  # reward model folder (`lmforge rm`) for requests with system2 mode best_of_n
+    tools: list[str] = field(default_factory=list)  # tools the chat page may run here (calculator,python,search); none by default
 
 
 def model_name(model) -> str:
@@ -146,6 +150,8 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
     model_id = cfg.model_id or model_name(model)
     key_digest = hashlib.sha256(cfg.api_key.encode()).digest() if cfg.api_key else None
     created = _now()
+    server_tools = _server_tools(cfg.tools)
+    tool_slots = asyncio.Semaphore(2)  # each tool run may be a sandbox process: a few at a time
 
     @asynccontextmanager
     async def lifespan(app):
@@ -281,6 +287,23 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(_cancel_all, handles))
         return await _collect_completion(handles, meta, sched, echo, request, prompt_lps)
+
+    # The chat page's tools: the page sends `tools` with its requests and runs the calls the model
+    # writes here (not OpenAI routes, so not in the OpenAPI document).
+    @app.get("/v1/tools", dependencies=[Depends(check_key)], include_in_schema=False)
+    async def list_tools():
+        return {"object": "list", "data": [t.schema() for t in server_tools.values()]}
+
+    @app.post("/v1/tools/run", dependencies=[Depends(check_key)], include_in_schema=False)
+    async def run_tool(call: ToolCall):
+        if call.function.name not in server_tools:
+            raise APIError(400, f"tool '{call.function.name}' is not enabled on this server (lmforge serve --tools NAME)",
+                           param="function.name", code="tool_not_enabled")
+        from lmforge.tools.protocol import execute_tool_call
+
+        async with tool_slots:
+            # the `tool` message; a python program's figures ride in its extra `figures` field as data: URLs
+            return await run_in_threadpool(execute_tool_call, call.model_dump(), server_tools)
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -544,6 +567,14 @@ def _protocol():
     except ImportError:  # the tool-call format module is not installed: tools cannot be parsed
         return None
     return protocol
+
+
+def _server_tools(names: list[str] | str | None) -> dict:
+    if not names:
+        return {}
+    from lmforge.tools.protocol import get_tools
+
+    return {t.name: t for t in get_tools(names)}
 
 
 def _call_open() -> str:

@@ -13,6 +13,8 @@ Process tree (L = this launcher, S = the namespace's init, C = the user's progra
 
 When C exits, S exits, and the kernel kills everything left in the PID namespace: nothing the
 code started can outlive the call. The caller enforces the wall-clock limit by SIGKILLing S.
+With figures on, S first kills what is left, then hands back up to N *.png regular files from
+/tmp as they are (the caller decodes and checks them).
 
 Two ways in, one result:
 - as root (CI): plain namespaces, then S drops to a fresh uid (setresuid), so RLIMIT_NPROC
@@ -22,10 +24,12 @@ Two ways in, one result:
   without any capability.
 Status goes back as JSON lines on STATUS_FD (never on the program's stdout/stderr).
 """
+import base64
 import ctypes
 import json
 import os
 import signal
+import stat
 import sys
 
 CLONE_NEWNS = 0x00020000
@@ -136,7 +140,9 @@ def write_file(path, text):
 
 
 def status(fd, **event):
-    os.write(fd, (json.dumps(event) + "\n").encode())
+    data = memoryview((json.dumps(event) + "\n").encode())
+    while data:  # a figure's line is larger than a pipe's buffer
+        data = data[os.write(fd, data):]
 
 
 # ---------------------------------------------------------------- file system view
@@ -280,6 +286,81 @@ def install_seccomp(arch_name):
            "seccomp filter")
 
 
+# ---------------------------------------------------------------- figures
+
+
+def _candidates(folder):
+    """(mtime, name, dir fd) of the *.png names in `folder`, oldest first. The folder itself is
+    opened without following a link (the program could make the figures folder one), and its
+    files are later opened relative to it."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return []
+    out = []
+    try:
+        for name in os.listdir(dfd):
+            if name.lower().endswith(".png"):
+                try:
+                    out.append((os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mtime_ns, name, dfd))
+                except OSError:
+                    pass
+    except OSError:
+        pass
+    return sorted(out)
+
+
+def _read_figure(name, dfd, max_bytes):
+    """(bytes, None) or (None, why): a regular file only, opened without following a link or
+    blocking on a FIFO, read up to the size limit."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None, "not a readable regular file"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "not a regular file"
+        if st.st_size > max_bytes:
+            return None, f"larger than {max_bytes // 2**20} MB"
+        chunks, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, max_bytes + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:
+            return None, f"larger than {max_bytes // 2**20} MB"
+        return b"".join(chunks), None
+    finally:
+        os.close(fd)
+
+
+def send_figures(spec, status_fd):
+    """After the program: stop whatever it left running (so no file changes while read), then
+    hand back the PNG candidates as they are. Candidates: *.png directly in /tmp (the program's own
+    savefig), then those the bootstrap saved; at most spec["max"] of them. Nothing else leaves:
+    the caller decodes each one and keeps only valid images within its limits."""
+    try:
+        os.kill(-1, signal.SIGKILL)  # from PID 1: every other process of the namespace
+    except OSError:
+        pass
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    found = _candidates("/tmp") + _candidates(spec["dir"])  # (init exits soon after: the dir fds go with it)
+    for _, name, dfd in found[:spec["max"]]:
+        data, why = _read_figure(name, dfd, spec["max_bytes"])
+        if data is None:
+            status(status_fd, event="figure", skipped=why)
+        else:
+            status(status_fd, event="figure", data=base64.b64encode(data).decode("ascii"))
+    status(status_fd, event="figures_left", count=max(0, len(found) - spec["max"]))
+
+
 # ---------------------------------------------------------------- the three processes
 
 
@@ -353,6 +434,11 @@ def run_init(plan, userns, status_fd):
                 else:
                     status(status_fd, event="exit", code=os.WEXITSTATUS(st))
                 code = 0
+                if plan.get("figures"):
+                    try:
+                        send_figures(plan["figures"], status_fd)
+                    except Exception as e:  # noqa: BLE001 - the program ran; only its figures are lost
+                        status(status_fd, event="figure", skipped=f"collecting figures failed: {e}")
                 break
     except BaseException as e:  # noqa: BLE001
         try:

@@ -30,7 +30,9 @@ Functions the chat renderer (lmforge/chat.py), the server, the API and RL use:
   the OpenAI shape; each error is a dict (`index`, `name`, `raw`, `message`) to feed back to the
   model. Never raises.
 - `execute_tool_call(call, tools) -> tool message`: runs one call; unknown tool, bad arguments or
-  a failing tool give an `Error: ...` result, never an exception.
+  a failing tool give an `Error: ...` result, never an exception. A tool that returns a
+  `ToolResult` with figures (the `python` tool's plots) adds `figures: [{mime_type, width,
+  height, url}]` to the message: for chat and the web page to show, never rendered to the model.
 - `run_tool_loop(generate_fn, messages, tools, max_steps)`: generate, parse, execute, append, repeat
   until the model answers without calls or the step limit is reached. Model-free: chat, server
   and RL pass their own `generate_fn(messages) -> assistant text`.
@@ -70,6 +72,16 @@ class Tool:
         return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
 
 
+@dataclasses.dataclass
+class ToolResult:
+    """A tool's answer with more than text: the model reads `text`; `figures` (dicts with
+    mime_type, width, height and a data: url, as `sandbox.Figure.as_dict` makes) are for the user
+    and ride in the tool message's extra `figures` field, which no renderer shows the model."""
+
+    text: str
+    figures: list[dict] = dataclasses.field(default_factory=list)
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -86,8 +98,9 @@ def _python(config: dict) -> Tool:
     timeout_s = float(config.get("python_timeout_s", 10.0))
     return Tool(
         "python",
-        "Run a Python 3 program in an isolated sandbox (standard library only, no network, no files "
-        "from the user, a few seconds of time) and get what it prints. Use print() to see results.",
+        "Run a Python 3 program in an isolated sandbox (standard library, numpy and matplotlib; no network, "
+        "no files from the user, a few seconds of time) and get what it prints; the figures it draws are "
+        "shown to the user. Use print() to see results.",
         {"type": "object", "properties": {"code": {"type": "string", "description": "the complete program"}}, "required": ["code"]},
         lambda code: python_tool(code, timeout_s=timeout_s),
     )
@@ -385,9 +398,15 @@ def execute_tool_call(call: dict, tools: Iterable[Tool] | dict[str, Tool]) -> di
     except Exception as e:  # noqa: BLE001 - any failure of a tool is a message for the model
         msg = str(e).strip() or type(e).__name__
         return tool_error_message(call_id, _cut(msg))
+    figures = []
+    if isinstance(result, ToolResult):
+        result, figures = result.text, result.figures
     if not isinstance(result, str):
         result = json.dumps(result, ensure_ascii=False)
-    return {"role": "tool", "tool_call_id": call_id, "content": _cut(result)}
+    msg = {"role": "tool", "tool_call_id": call_id, "content": _cut(result)}
+    if figures:
+        msg["figures"] = figures
+    return msg
 
 
 def _count_calls(messages: list[dict]) -> int:

@@ -15,15 +15,25 @@ never forks with user code in it.
 
 Where this isolation cannot be set up (no namespaces, an unknown architecture), `run_python`
 raises `SandboxUnavailable` instead of running anything less isolated.
+
+Figures (`run_python(code, figures=True)`, what the `python` tool uses): numpy and matplotlib
+become importable (their site-packages folder, read-only) with the Agg backend; when the program
+ends, every figure still open is saved as PNG, or, when the program saved PNG files into /tmp
+itself, those are taken instead. The sandbox's init hands back at most MAX_FIGURES regular files of
+at most MAX_FIGURE_BYTES each, and nothing else; here each one is decoded with Pillow (PNG only,
+at most MAX_FIGURE_SIDE pixels a side) and encoded again, so only pixels leave the sandbox.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
+import io
 import json
 import os
 import selectors
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -54,6 +64,44 @@ ENV = {
     "LC_ALL": "C.UTF-8",
     "MALLOC_ARENA_MAX": "2",  # glibc reserves 64 MB of address space per thread arena otherwise
 }
+# With figures: the plotting stack without a display; one BLAS/OpenMP thread, as the process
+# limit counts threads and OpenBLAS would start one per core at import.
+FIGURE_ENV = {"MPLBACKEND": "Agg", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+FIGURE_PACKAGES = ("numpy", "matplotlib")
+MAX_FIGURES = 4
+MAX_FIGURE_BYTES = 1 << 20
+FIGURE_DPI, FIGURE_SIDE = 100, 2000  # open figures are saved at most this DPI and pixels a side
+MAX_FIGURE_SIDE = 2048  # pixels a side the host accepts (room for matplotlib's rounding)
+FIGURE_DIR = "/tmp/.lmforge-figures"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Runs after the program (in its process, so the program could change it: it is a convenience,
+# not a boundary; the boundary is what init hands back and what _checked_png accepts).
+FIGURE_EPILOGUE = f"""
+def _lmforge_save_figures():
+    import os, sys
+    plt = sys.modules.get('matplotlib.pyplot')
+    if plt is None or any(n.lower().endswith('.png') for n in os.listdir('/tmp')):
+        return  # nothing drawn, or the program saved its own PNGs (those are taken)
+    os.makedirs({FIGURE_DIR!r}, exist_ok=True)
+    for k, num in enumerate(plt.get_fignums()[:{MAX_FIGURES}]):
+        try:
+            fig = plt.figure(num)
+            dpi = min(fig.dpi, {FIGURE_DPI}, {FIGURE_SIDE} / max(max(fig.get_size_inches()), 0.01))
+            fig.savefig(f'{FIGURE_DIR}/figure-{{k + 1}}.png', dpi=dpi, format='png')
+        except Exception as e:
+            print(f'[figure {{k + 1}} could not be saved: {{type(e).__name__}}: {{e}}]', file=sys.stderr)
+"""
+FIGURE_BOOTSTRAP = (
+    "import os, sys, builtins as b; b.exit = b.quit = sys.exit; del b; __file__ = '/tmp/main.py'; sys.argv = [__file__]\n"
+    "sys.path += [p for p in os.environ.pop('LMFORGE_PATH', '').split(':') if p]\n"
+    + FIGURE_EPILOGUE +
+    "try:\n"
+    "    try: exec(compile(open(__file__, 'rb').read(), __file__, 'exec'))\n"
+    "    except SystemExit: raise\n"
+    "    except BaseException as e: e = e.with_traceback(e.__traceback__.tb_next); sys.excepthook(type(e), e, e.__traceback__); sys.exit(1)\n"
+    "finally:\n"
+    "    _lmforge_save_figures()\n"
+)
 DEVICES = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"]
 SIGNAL_REASONS = {
     signal.SIGXCPU: "cpu time limit",
@@ -67,6 +115,22 @@ class SandboxUnavailable(LmforgeError):
 
 
 @dataclasses.dataclass
+class Figure:
+    """A PNG the program drew, decoded and encoded again here (only its pixels came out)."""
+
+    png: bytes
+    width: int
+    height: int
+
+    def data_url(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
+    def as_dict(self) -> dict:
+        """The JSON form that tool messages carry in their `figures` field."""
+        return {"mime_type": "image/png", "width": self.width, "height": self.height, "url": self.data_url()}
+
+
+@dataclasses.dataclass
 class SandboxResult:
     stdout: str
     stderr: str
@@ -75,6 +139,8 @@ class SandboxResult:
     killed_reason: str | None = None  # why the sandbox stopped the program, None if it ended itself
     truncated: bool = False  # output was cut at max_output_bytes
     duration_s: float = 0.0
+    figures: list[Figure] = dataclasses.field(default_factory=list)  # with figures=True
+    figure_notes: list[str] = dataclasses.field(default_factory=list)  # what was refused, and why
 
     @property
     def ok(self) -> bool:
@@ -129,25 +195,36 @@ def run_python(
     disk_mb: int = 64,
     max_open_files: int = 256,
     ro_paths: tuple[str, ...] | list[str] = (),
+    figures: bool = False,
 ) -> SandboxResult:
     """Run `code` as a script in a fresh sandbox and return what it printed and how it ended.
 
     memory_mb bounds each process's address space; max_processes counts processes and threads
     of the sandbox's user; disk_mb is the size of the private /tmp (also the largest file);
     cpu_s defaults to timeout_s. `ro_paths` adds host paths visible read-only (e.g. a
-    site-packages folder). Raises SandboxUnavailable when isolation cannot be set up.
+    site-packages folder). `figures`: numpy and matplotlib (Agg) importable, and the PNGs the
+    program draws come back in `result.figures` (module docstring). Raises SandboxUnavailable
+    when isolation cannot be set up.
     """
     if sys.platform != "linux":
         raise SandboxUnavailable("the Python sandbox needs Linux namespaces; this is " + sys.platform)
     python = os.path.realpath(sys.executable)
     cpu = max(1, int(cpu_s if cpu_s is not None else timeout_s + 0.999))
     mem = memory_mb * 2**20
-    plan = dict(_fs_plan(python, tuple(ro_paths)))
+    env, python_args, paths = ENV, PYTHON_ARGS, ()
+    if figures:
+        paths = _figure_paths()
+        env = {**ENV, **FIGURE_ENV, "LMFORGE_PATH": ":".join(paths)}
+        python_args = PYTHON_ARGS[:-1] + [FIGURE_BOOTSTRAP]
+        # fontconfig's settings, so that matplotlib's font search (fc-list) finds /usr's fonts quietly
+        paths += tuple(p for p in ("/etc/fonts",) if os.path.isdir(p))
+    plan = dict(_fs_plan(python, tuple(ro_paths) + paths))
     plan.update(
         code=code,
         python=python,
-        python_args=PYTHON_ARGS,
-        env=ENV,
+        python_args=python_args,
+        env=env,
+        figures={"dir": FIGURE_DIR, "max": MAX_FIGURES, "max_bytes": MAX_FIGURE_BYTES} if figures else None,
         uid=None,
         tmp_bytes=disk_mb * 2**20,
         tmp_inodes=4096,
@@ -171,6 +248,70 @@ def run_python(
             os.rmdir(root)  # the tmpfs was mounted over it only inside the sandbox's namespace
         except OSError:
             pass
+
+
+@functools.lru_cache(maxsize=1)
+def _figure_paths() -> tuple[str, ...]:
+    """The folders (site-packages) holding numpy and matplotlib, put on the program's sys.path."""
+    import importlib.util
+
+    out: list[str] = []
+    for name in FIGURE_PACKAGES:
+        spec = importlib.util.find_spec(name)  # finds without importing
+        if spec is None or not spec.submodule_search_locations:
+            continue  # not installed: the program's import fails as it would anywhere
+        root = os.path.dirname(os.path.realpath(next(iter(spec.submodule_search_locations))))
+        if root not in out:
+            out.append(root)
+    return tuple(out)
+
+
+def _checked_png(data: bytes) -> tuple[Figure | None, str | None]:
+    """(the figure, None) when `data` is a PNG within the limits, else (None, why not).
+
+    Decoded by Pillow's PNG reader only, dimensions checked before the pixels are read (a small
+    file can hold a huge image), then encoded again: text chunks, extra data after the image or
+    anything else a program might smuggle out in a "PNG" is dropped with the file.
+    """
+    try:
+        from PIL import Image  # matplotlib's own dependency: there whenever figures can be drawn
+    except ImportError:
+        return None, "checking figures needs Pillow (pip install pillow)"
+    if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None, "not a PNG file"
+    w, h = struct.unpack(">II", data[16:24])  # the header's size, read before any decoder runs
+    if not (0 < w <= MAX_FIGURE_SIDE and 0 < h <= MAX_FIGURE_SIDE):
+        return None, f"{w}x{h} pixels, more than {MAX_FIGURE_SIDE} a side"
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+            if im.size != (w, h):
+                return None, "not a valid PNG (its size is not its header's)"
+            im.load()
+            if im.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
+                im = im.convert("RGBA")
+            out = io.BytesIO()
+            im.save(out, format="PNG")
+    except Exception as e:  # noqa: BLE001 - whatever Pillow makes of a hostile file, it is refused
+        return None, f"not a valid PNG ({type(e).__name__})"
+    png = out.getvalue()
+    if len(png) > MAX_FIGURE_BYTES:
+        return None, f"larger than {MAX_FIGURE_BYTES // 2**20} MB"
+    return Figure(png, w, h), None
+
+
+def _figures_from(events: list[dict]) -> tuple[list[Figure], list[str]]:
+    """The figures init handed back (checked here), and a note for each one refused or left out."""
+    figures, notes = [], []
+    for ev in events:
+        if ev.get("event") == "figure":
+            fig, why = (None, ev["skipped"]) if "skipped" in ev else _checked_png(base64.b64decode(ev["data"]))
+            if fig is None:
+                notes.append(f"[a figure was not shown: {why}]")
+            else:
+                figures.append(fig)
+        elif ev.get("event") == "figures_left" and ev["count"]:
+            notes.append(f"[{ev['count']} more figure(s) not shown: at most {MAX_FIGURES} per run]")
+    return figures, notes
 
 
 def _launch(plan: dict, timeout_s: float, max_output: int) -> SandboxResult:
@@ -280,6 +421,7 @@ def _launch(plan: dict, timeout_s: float, max_output: int) -> SandboxResult:
     if truncated:
         stdout_note = f"\n[output truncated at {max_output} bytes]"
         stdout += stdout_note
+    figures, notes = _figures_from(events)
     return SandboxResult(
         stdout=stdout,
         stderr=stderr,
@@ -288,6 +430,8 @@ def _launch(plan: dict, timeout_s: float, max_output: int) -> SandboxResult:
         killed_reason=killed_reason,
         truncated=truncated,
         duration_s=time.monotonic() - start,
+        figures=figures,
+        figure_notes=notes,
     )
 
 
@@ -320,9 +464,13 @@ def sandbox_available() -> tuple[bool, str]:
     return True, ""
 
 
-def python_tool(code: str, timeout_s: float = 10.0) -> str:
-    """The `python` tool: run code, return what a model should read (output, errors, limits)."""
-    r = run_python(code, timeout_s=timeout_s)
+def python_tool(code: str, timeout_s: float = 10.0):
+    """The `python` tool: run code with figures on; a ToolResult whose text is what a model
+    should read (output, errors, limits, one line per figure) and whose figures go to the user."""
+    from lmforge.tools.protocol import ToolResult
+
+    # numpy and matplotlib take about 200 MB of address space before they draw anything
+    r = run_python(code, timeout_s=timeout_s, memory_mb=512, figures=True)
     parts = []
     if r.stdout:
         parts.append(r.stdout.rstrip("\n"))
@@ -332,4 +480,6 @@ def python_tool(code: str, timeout_s: float = 10.0) -> str:
         parts.append(f"[stopped: {r.killed_reason}]")
     elif r.exit_code:
         parts.append(f"[exit code {r.exit_code}]")
-    return "\n".join(parts) if parts else "(no output)"
+    parts += [f"[figure {k}: {f.width}x{f.height} PNG]" for k, f in enumerate(r.figures, 1)]
+    parts += r.figure_notes
+    return ToolResult("\n".join(parts) if parts else "(no output)", [f.as_dict() for f in r.figures])

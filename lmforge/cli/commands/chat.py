@@ -1,8 +1,11 @@
 """Chat with a model in the terminal (streaming; /reset, /system TEXT, /quit)."""
 from __future__ import annotations
 
+import base64
 import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lmforge.align.system2 import System2Args
 from lmforge.cli.common import ModelArgs, SamplingArgs, load_lm, runtime_summary, sampling_from, with_model_sampling
@@ -17,6 +20,7 @@ class Config(ModelArgs, SamplingArgs, System2Args):
     tools: list[str] = field(default_factory=list)  # calculator,python,search
     search_index: str | None = None  # index for the search tool (lmforge index build)
     max_tool_steps: int = 4
+    figures_dir: str = "lmforge-figures"  # where the python tool's figures are saved (PNG files)
 
 
 def fit_history(lm, messages: list[dict], reserve: int, tools=None) -> tuple[list[dict], int]:
@@ -32,6 +36,26 @@ def fit_history(lm, messages: list[dict], reserve: int, tools=None) -> tuple[lis
         del msgs[first]
         dropped += 1
     return msgs, dropped
+
+
+def save_figures(figures: list[dict], folder: str | Path) -> list[Path]:
+    """Write a tool message's figures (data: URLs of PNGs the sandbox checked) as new files in
+    `folder`, named by time so that no earlier figure is overwritten; returns their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    paths = []
+    for f in figures:
+        head, _, data = f.get("url", "").partition(",")
+        if head != "data:image/png;base64":
+            continue
+        k = 1
+        while (folder / f"figure-{stamp}-{k}.png").exists():
+            k += 1
+        path = folder / f"figure-{stamp}-{k}.png"
+        path.write_bytes(base64.b64decode(data))
+        paths.append(path)
+    return paths
 
 
 def run(cfg: Config) -> None:
@@ -89,6 +113,9 @@ def run(cfg: Config) -> None:
             def show(m):
                 if m["role"] == "tool":
                     print(f"[tool result] {m['content']}", file=sys.stderr)
+                    # the files keep the figures; the conversation keeps the text (the model's part)
+                    for path in save_figures(m.pop("figures", []), cfg.figures_dir):
+                        print(f"[figure saved] {path}", file=sys.stderr)
 
             new_messages = lm.chat_with_tools(
                 messages, tools, max_steps=cfg.max_tool_steps, on_message=show,

@@ -145,10 +145,17 @@ const state = {
   settings: Object.assign({ temperature: 0.7, top_p: "", max_tokens: 512, seed: "", system: "", api_key: "", model: "" },
                           loadJSON(KEYS.settings, {})),
   controller: null,
+  tools: [],  // the tools this server runs for the page (GET /v1/tools): sent with every request
 };
+const MAX_TOOL_STEPS = 4;  // rounds of tool calls per message, as `lmforge chat`
+const PNG_URL = "data:image/png;base64,";
 
 function saveConvs() {
-  localStorage.setItem(KEYS.convs, JSON.stringify(state.convs));
+  try {
+    localStorage.setItem(KEYS.convs, JSON.stringify(state.convs));
+  } catch {  // figures are large: past the browser's quota they stay for this session only
+    try { localStorage.setItem(KEYS.convs, JSON.stringify(state.convs, (k, v) => (k === "figures" ? undefined : v))); } catch {}
+  }
   if (state.current) localStorage.setItem(KEYS.current, state.current);
 }
 function currentConv() { return state.convs.find((c) => c.id === state.current) || null; }
@@ -223,6 +230,41 @@ function setContent(div, text) {
   else content.textContent = text;
 }
 
+// A message as stored: an assistant turn shows the tool calls it made (python code as code), a tool
+// turn its text and the figures the server sent (PNG data: URLs only, put in <img> by the DOM).
+function messageFor(m) {
+  const div = messageElement(m.role, m.content || "", m.note);
+  if (m.role === "assistant" && m.tool_calls && m.tool_calls.length) addCalls(div, m.tool_calls);
+  if (m.role === "tool") addFigures(div, m.figures || []);
+  return div;
+}
+
+function addCalls(div, calls) {
+  const box = document.createElement("div");
+  box.className = "calls";
+  let html = "";
+  for (const c of calls) {
+    const fn = c.function || {};
+    let args = {};
+    try { args = JSON.parse(fn.arguments || "{}"); } catch {}
+    html += fn.name === "python" && typeof args.code === "string"
+      ? codeBlock(args.code, "python") : codeBlock(fn.arguments || "", "call: " + (fn.name || "?"));
+  }
+  box.innerHTML = html;  // codeBlock escapes what the model wrote
+  div.querySelector(".body").append(box);
+}
+
+function addFigures(div, figures) {
+  figures.forEach((f, k) => {
+    if (!f || typeof f.url !== "string" || !f.url.startsWith(PNG_URL)) return;
+    const img = document.createElement("img");
+    img.className = "figure";
+    img.src = f.url;
+    img.alt = `figure ${k + 1}` + (f.width && f.height ? ` (${f.width}x${f.height})` : "");
+    div.querySelector(".body").append(img);
+  });
+}
+
 function addNote(div, note) {
   const n = document.createElement("div");
   n.className = "note";
@@ -238,7 +280,7 @@ function renderMessages() {
     box.innerHTML = '<div class="empty"><h2>lmforge</h2><p>Everything runs on this machine. Ask something below.</p></div>';
     return;
   }
-  for (const m of conv.messages) box.append(messageElement(m.role, m.content, m.note));
+  for (const m of conv.messages) box.append(messageFor(m));
   box.scrollTop = box.scrollHeight;
 }
 
@@ -252,6 +294,13 @@ function headers() {
 
 async function errorText(resp) {
   try { const j = await resp.json(); return (j.error && j.error.message) || resp.statusText; } catch { return resp.statusText; }
+}
+
+async function loadTools() {
+  try {
+    const resp = await fetch("/v1/tools", { headers: headers() });
+    state.tools = resp.ok ? ((await resp.json()).data || []) : [];
+  } catch { state.tools = []; }
 }
 
 async function loadModels() {
@@ -279,8 +328,13 @@ function requestBody(conv) {
   const s = state.settings;
   const messages = [];
   if (s.system && s.system.trim()) messages.push({ role: "system", content: s.system });
-  for (const m of conv.messages) if (m.role === "user" || m.role === "assistant") messages.push({ role: m.role, content: m.content });
+  for (const m of conv.messages) {
+    if (m.role === "tool") messages.push({ role: "tool", tool_call_id: m.tool_call_id, content: m.content });  // text only: figures stay here
+    else if (m.role === "assistant" && m.tool_calls) messages.push({ role: "assistant", content: m.content || null, tool_calls: m.tool_calls });
+    else if (m.role === "user" || m.role === "assistant") messages.push({ role: m.role, content: m.content });
+  }
   const body = { model: s.model || "default", messages, stream: true };
+  if (state.tools.length) body.tools = state.tools;
   const num = (v) => (v === "" || v == null || isNaN(Number(v)) ? null : Number(v));
   if (num(s.temperature) !== null) body.temperature = num(s.temperature);
   if (num(s.top_p) !== null) body.top_p = num(s.top_p);
@@ -295,16 +349,39 @@ async function send(text) {
   if (conv.title === "New chat") conv.title = text.slice(0, 40) || "New chat";
   saveConvs(); renderSidebar(); renderMessages();
 
+  const controller = new AbortController();
+  state.controller = controller;
+  setBusy(true);
+  try {
+    for (let step = 0; ; step++) {
+      const calls = await streamReply(conv, controller);
+      if (!calls.length || step >= MAX_TOOL_STEPS) break;
+      for (const call of calls) {
+        $("status").textContent = `running ${call.function.name}…`;
+        const msg = await runTool(call, controller);
+        conv.messages.push(msg);
+        saveConvs();
+        $("messages").append(messageFor(msg));
+        $("messages").scrollTop = $("messages").scrollHeight;
+      }
+      if (controller.signal.aborted) break;
+      $("status").textContent = "generating…";
+    }
+  } finally {
+    state.controller = null;
+    setBusy(false);
+  }
+}
+
+// One streamed assistant turn, shown as it comes and stored; returns the tool calls it made
+// (none when it answered in text, failed or was stopped).
+async function streamReply(conv, controller) {
   const box = $("messages");
   const div = messageElement("assistant", "");
   div.classList.add("streaming");
   box.append(div);
   box.scrollTop = box.scrollHeight;
-
-  const controller = new AbortController();
-  state.controller = controller;
-  setBusy(true);
-  let reply = "", note = "", failed = false, frame = 0;
+  let reply = "", note = "", failed = false, frame = 0, calls = [];
   const paint = () => { frame = 0; setContent(div, reply); box.scrollTop = box.scrollHeight; };
   try {
     const resp = await fetch("/v1/chat/completions", {
@@ -334,24 +411,49 @@ async function send(text) {
             reply += ch.delta.content;
             if (!frame) frame = requestAnimationFrame(paint);
           }
+          for (const d of (ch.delta && ch.delta.tool_calls) || []) {  // OpenAI's pieces, joined by index
+            const c = calls[d.index || 0] || (calls[d.index || 0] = { id: "", type: "function", function: { name: "", arguments: "" } });
+            if (d.id) c.id = d.id;
+            if (d.function && d.function.name) c.function.name += d.function.name;
+            if (d.function && d.function.arguments) c.function.arguments += d.function.arguments;
+          }
           if (ch.finish_reason === "length") note = "(cut at the token limit)";
         }
       }
     }
   } catch (e) {
+    calls = [];
     if (e.name === "AbortError") note = "(stopped)";
     else { failed = true; note = "error: " + e.message; }
   } finally {
     if (frame) cancelAnimationFrame(frame);
-    state.controller = null;
-    setBusy(false);
   }
+  calls = calls.filter(Boolean);
   div.classList.remove("streaming");
   setContent(div, reply);
+  if (calls.length) addCalls(div, calls);
   if (note) addNote(div, note);
   if (failed && !reply) div.classList.add("error");
-  if (reply || !failed) conv.messages.push({ role: "assistant", content: reply, note: note || undefined });
+  if (reply || calls.length || !failed) {
+    conv.messages.push({ role: "assistant", content: reply, tool_calls: calls.length ? calls : undefined, note: note || undefined });
+  }
   saveConvs();
+  return calls;
+}
+
+// The server runs the call (POST /v1/tools/run) and answers with the `tool` message; a failure
+// becomes that message's text, for the model to read.
+async function runTool(call, controller) {
+  try {
+    const resp = await fetch("/v1/tools/run", {
+      method: "POST", headers: headers(), body: JSON.stringify(call), signal: controller.signal,
+    });
+    if (!resp.ok) throw new Error(await errorText(resp));
+    const m = await resp.json();
+    return { role: "tool", tool_call_id: call.id, content: String(m.content ?? ""), figures: Array.isArray(m.figures) ? m.figures : undefined };
+  } catch (e) {
+    return { role: "tool", tool_call_id: call.id, content: e.name === "AbortError" ? "Error: stopped by the user" : "Error: " + e.message };
+  }
 }
 
 function setBusy(busy) {
@@ -370,7 +472,7 @@ function bindSettings() {
       state.settings[key] = el.value;
       localStorage.setItem(KEYS.settings, JSON.stringify(state.settings));
       if (key === "model") $("model-name").textContent = el.value;
-      if (key === "api_key") loadModels();
+      if (key === "api_key") { loadModels(); loadTools(); }
     });
     el.addEventListener("change", () => el.dispatchEvent(new Event("input")));
   }
@@ -387,6 +489,7 @@ function init() {
   renderSidebar();
   renderMessages();
   loadModels();
+  loadTools();
   $("new-chat").addEventListener("click", () => { if (!state.controller) newConversation(); });
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
