@@ -10,6 +10,11 @@ not share its interpreter; everything stays on 127.0.0.1.
     python benchmarks/serve_load.py                       # default model, fp32
     python benchmarks/serve_load.py --clients 1,8 --max-tokens 32 --threads 1
     python benchmarks/serve_load.py --url http://127.0.0.1:8000   # an already running server
+    python benchmarks/serve_load.py --llama-server /path/to/llama-server   # + llama.cpp's server, same run
+
+With `--llama-server`, llama.cpp's server then runs the same levels on the same GGUF (the
+default model's file unless --model names another), with `-np` = the largest client count,
+`-t` = --threads and the same context per slot, and the table gives lmforge / llama-server.
 """
 from __future__ import annotations
 
@@ -107,7 +112,21 @@ def start_server(args, slots: int) -> tuple[subprocess.Popen, str]:
            "--log_level", "warning"]
     if args.model:
         cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), port)
+
+
+def start_llama_server(args, slots: int) -> tuple[subprocess.Popen, str]:
+    from lmforge.loading.resolve import resolve_model_path
+
+    port = free_port()
+    cmd = [args.llama_server, "-m", str(resolve_model_path(args.model)), "--host", "127.0.0.1", "--port", str(port),
+           "-np", str(slots), "-c", str(args.ctx * slots), "-t", str(args.threads or os.cpu_count()), "--log-disable"]
+    lib = str(Path(args.llama_server).resolve().parent)  # its shared libraries lie beside it in a build folder
+    env = {**os.environ, "LD_LIBRARY_PATH": lib + os.pathsep + os.environ.get("LD_LIBRARY_PATH", "")}
+    return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env), port)
+
+
+def wait_ready(proc: subprocess.Popen, port: int) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -125,6 +144,31 @@ def start_server(args, slots: int) -> tuple[subprocess.Popen, str]:
 
 
 
+def measure(args, levels: list[int], start, model: str | None = None) -> tuple[dict, list[dict]]:
+    """Start a server (`start()` -> (process or None, url)), warm it up, run every level."""
+    proc, url = start()
+    try:
+        info = httpx.get(url + "/health", timeout=10).json()
+        model = model or info["model"]
+        info["model"] = model
+        # warm-up: first-call costs (allocation, lazy init) are not part of any level
+        asyncio.run(run_level(url, model, 1, 1, 4, args.api_key))
+        rows = []
+        for n in levels:
+            rows.append(asyncio.run(run_level(url, model, n, args.rounds, args.max_tokens, args.api_key)))
+            r = rows[-1]
+            print(f"{n:>3} clients: {r['tokens_per_s']:8.2f} tok/s  ttft p50 {r['ttft_p50_s']:.2f}s p99 {r['ttft_p99_s']:.2f}s  "
+                  f"errors {r['errors']}  mean batch {r['mean_decode_batch']}", file=sys.stderr)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return info, rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", default="1,8,32")
@@ -136,33 +180,17 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary: measured after lmforge, same levels")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.clients.split(",") if x.strip()]
-    proc = None
-    url = args.url
-    if url is None:
-        proc, url = start_server(args, slots=max(levels))
-    try:
-        info = httpx.get(url + "/health", timeout=10).json()
-        model = info["model"]
-        load_before = os.getloadavg()
-        # warm-up: first-call costs (allocation, lazy init) are not part of any level
-        asyncio.run(run_level(url, model, 1, 1, 4, args.api_key))
-        rows = []
-        for n in levels:
-            rows.append(asyncio.run(run_level(url, model, n, args.rounds, args.max_tokens, args.api_key)))
-            r = rows[-1]
-            print(f"{n:>3} clients: {r['tokens_per_s']:8.2f} tok/s  ttft p50 {r['ttft_p50_s']:.2f}s p99 {r['ttft_p99_s']:.2f}s  "
-                  f"errors {r['errors']}  mean batch {r['mean_decode_batch']}", file=sys.stderr)
-        load_after = os.getloadavg()
-    finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    load_before = os.getloadavg()
+    info, rows = measure(args, levels, lambda: start_server(args, slots=max(levels)) if args.url is None else (None, args.url))
+    model = info["model"]
+    ref_rows = None
+    if args.llama_server:
+        _, ref_rows = measure(args, levels, lambda: start_llama_server(args, max(levels)), model="any-name")
+    load_after = os.getloadavg()
     base = next((r["tokens_per_s"] for r in rows if r["clients"] == 1), None)
     for r in rows:
         r["gain_vs_1_client"] = round(r["tokens_per_s"] / base, 2) if base else None
@@ -183,6 +211,14 @@ def main(argv=None) -> int:
         "reference": "tokens/s with 1 client, same server, same run",
         "results": rows,
     }
+    if ref_rows is not None:
+        result["llama_server"] = {"binary": args.llama_server, "flags": f"-np {max(levels)} -c {args.ctx * max(levels)} -t {args.threads}",
+                                  "results": ref_rows}
+        print(f"\n{'clients':>7} {'lmforge tok/s':>13} {'llama-server':>12} {'ratio':>6} {'ttft p50':>9} {'llama ttft':>10}")
+        for a, b in zip(rows, ref_rows):
+            a["ratio_vs_llama_server"] = round(a["tokens_per_s"] / b["tokens_per_s"], 2) if b["tokens_per_s"] else None
+            print(f"{a['clients']:>7} {a['tokens_per_s']:>13.2f} {b['tokens_per_s']:>12.2f} {a['ratio_vs_llama_server'] or 0:>6.2f} "
+                  f"{a['ttft_p50_s']:>9.2f} {b['ttft_p50_s']:>10.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -6,7 +6,8 @@
 Stages:
   data   `lmforge.tools.teach`: calculator conversations, search conversations over generated
          notes, Python programs (counting, dates, Fibonacci, sorting...) and plots run in the real
-         sandbox, and questions no tool helps with, answered with the base model's own reply.
+         sandbox, and questions no tool helps with, answered with the base model's own reply
+         (with the same tools in its prompt).
          Each record lists the tools a user would offer: all three (mostly in the order
          `--tools calculator,python,search` gives) or a subset holding the needed one.
   train  `lmforge sft --config recipes/sft/tool_adapter.yaml` (LoRA r=8 on attention + MLP).
@@ -49,7 +50,16 @@ PLAIN_TRAIN = [
     "Why do leaves change colour in the fall?", "What is the opposite of cold?", "Describe a rainbow in one sentence.",
     "What do you call a baby dog?", "Can you tell me a short joke?", "What is the main ingredient of guacamole?",
     "What is the tallest mountain on Earth?", "How many legs does a spider have?", "What is the capital of Japan?",
-    "Thank you for your help!",
+    "Thank you for your help!", "What is the capital of Canada?", "Who discovered penicillin?",
+    "What is the freezing point of water in Fahrenheit?", "Name three fruits.", "What is the capital of Egypt?",
+    "Write a two-line poem about rain.", "What does DNA stand for?", "Who was the first person on the moon?",
+    "What is the capital of Australia?", "Give me a tip for staying focused.", "What gas do plants breathe in?",
+    "What is the largest ocean?", "Describe a cat in one sentence.", "What is the plural of mouse?",
+    "Who wrote Pride and Prejudice?", "What is the capital of Russia?", "How many continents are there?",
+    "What is the main language of Mexico?", "What is the sun?", "Suggest a healthy breakfast.",
+    "What is the capital of the United Kingdom?", "Who invented the telephone?", "What colour are bananas?",
+    "What do bees collect from flowers?", "Good morning!", "What is an adjective?", "Where do penguins live?",
+    "What is the capital of China?", "Tell me about the Eiffel Tower.", "What is a group of wolves called?",
 ]
 PLAIN_HELDOUT = [
     "What is the capital of France?", "Write a short poem about the moon.", "Who wrote Hamlet?",
@@ -75,16 +85,18 @@ def tool_set(rng: random.Random, needed: str | None) -> str:
     return ",".join(sorted({needed, *rng.sample(others, rng.randint(0, 2))}, key=names.index))
 
 
-def base_replies(questions: list[str], max_new_tokens: int = 200) -> list[tuple[str, str]]:
-    """(question, the default model's own greedy reply) without tools in the prompt; replies the
-    budget cut short are left out (they would teach stopping mid-sentence)."""
+def base_replies(asks: list[tuple[str, list[dict]]], max_new_tokens: int = 200) -> list[tuple[str, list[dict], str]]:
+    """(question, tool schemas, the default model's own greedy reply with those tools in the
+    prompt): the adapter learns to leave these questions as the base model answers them. Replies
+    the budget cut short, or that call a tool, are left out."""
     import lmforge
     from lmforge.engine import SamplingParams, generate_text
 
     lm = lmforge.load(None, quant="auto", device="cpu")
-    prompts = [lm.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    prompts = [lm.encode_chat([{"role": "user", "content": q}], tools=t) for q, t in asks]
     outs = generate_text(lm.model, lm.tokenizer, prompts, SamplingParams(max_new_tokens=max_new_tokens))
-    return [(q, r["text"].strip()) for q, r in zip(questions, outs) if r["finish_reason"] == "stop"]
+    return [(q, t, r["text"].strip()) for (q, t), r in zip(asks, outs)
+            if r["finish_reason"] == "stop" and "<tool_call>" not in r["text"]]
 
 
 def make_data(data_dir: Path, args) -> dict:
@@ -113,8 +125,8 @@ def make_data(data_dir: Path, args) -> dict:
     records += [T.python_record(t, tools=schemas("python")) for t in T.python_tasks(args.n_python, seed=args.train_seed)]
     records += [T.python_record(t, tools=schemas("python"))
                 for t in T.python_tasks(args.n_plot, seed=args.train_seed, kinds=T.PLOT_KINDS)]
-    plain = base_replies(PLAIN_TRAIN)
-    records += [T.plain_record(q, r, schemas(None)) for q, r in plain]
+    plain = base_replies([(q, schemas(None)) for q in PLAIN_TRAIN])
+    records += [T.plain_record(q, r, t) for q, t, r in plain]
     rng.shuffle(records)
     seen = {T.problem_key(p) for p in calc}
     held_a = [p for p in T.arithmetic_problems(args.n_heldout * 2, seed=args.heldout_seed) if T.problem_key(p) not in seen][:args.n_heldout]

@@ -17,7 +17,9 @@ from lmforge.paths import sha256_file
 
 DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "chat_template.jinja")
+            "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+            # a vision-language model's (SmolVLM / Idefics3) image preprocessing: tiles, sizes, normalisation
+            "preprocessor_config.json", "processor_config.json")
 
 
 def extract_default_from_wheel(wheel: Path, expected_sha256: str | None = DEFAULT_WHEEL_SHA256) -> Path:

@@ -58,12 +58,13 @@ class ServeConfig:
     slots: int = 8  # rows of the shared KV cache = requests decoded together
     ctx: int = 2048  # tokens per slot (prompt + reply), at most the model's context
     max_queue: int = 64  # requests waiting for a slot before 429
-    max_request_bytes: int = 1 << 20  # request body limit (413 beyond)
+    max_request_bytes: int = 16 << 20  # request body limit (413 beyond); room for images as data: URLs
     max_tokens_default: int = 1024  # reply budget when a request names none
     prefill_chunk: int = 512  # prompt tokens per prefill forward (bounds others' stall)
     model_id: str | None = None  # name in /v1/models (default: the model's id or file name)
     reward_model: str | None = None  # reward model folder (`lmforge rm`) for requests with system2 mode best_of_n
     tools: list[str] = field(default_factory=list)  # tools the chat page may run here (calculator,python,search); none by default
+    allow_image_paths: bool = False  # let image_url parts name files on this machine (file:// URLs or absolute paths); off: data: URLs only
 
 
 def model_name(model) -> str:
@@ -217,7 +218,9 @@ def create_app(model, tokenizer, cfg: ServeConfig | None = None) -> FastAPI:
         return model_id
 
     def model_card():
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "lmforge", "context_length": sched.ctx}
+        # (input_modalities: an extension, as OpenRouter names it; the chat page offers images by it)
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "lmforge", "context_length": sched.ctx,
+                "input_modalities": ["text", "image"] if _sees(model) else ["text"]}
 
     # -- routes ---------------------------------------------------------------------------
     @app.get("/health")
@@ -383,14 +386,27 @@ def _budget(n_prompt: int, max_tokens: int | None, sched: Scheduler, cfg: ServeC
     return max_tokens
 
 
-def _message_dict(m) -> dict:
+def _sees(model) -> bool:
+    """Whether the model takes images (a vision-language model: `lmforge.vision.VLM`)."""
+    return hasattr(model, "render_chat")
+
+
+def _message_dict(m, i: int = 0, sees: bool = False, allow_paths: bool = False) -> dict:
+    """One message as the renderers take it; with images (a model that sees), content stays a
+    list of parts: text, and images as `{"type": "image_url" (data: URL) | "image" (path)}`."""
     d = {"role": "system" if m.role == "developer" else m.role}
     content = m.content
     if isinstance(content, list):
         kinds = {p.type for p in content} - {"text", "input_text"}
+        if kinds and not (sees and kinds == {"image_url"}):
+            what = "text and image_url" if sees else "text only"
+            raise APIError(400, f"this model reads {what}; content part type '{sorted(kinds)[0]}' is not supported",
+                           param=f"messages[{i}].content")
         if kinds:
-            raise APIError(400, f"this model reads text only; content part type '{sorted(kinds)[0]}' is not supported", param="messages")
-        content = "".join(p.text or "" for p in content)
+            content = [_image_part(p, i, allow_paths) if p.type == "image_url" else {"type": "text", "text": p.text or ""}
+                       for p in content]
+        else:
+            content = "".join(p.text or "" for p in content)
     d["content"] = content or ""
     if m.tool_calls:
         d["tool_calls"] = [tc.model_dump(exclude_none=True) for tc in m.tool_calls]
@@ -401,7 +417,28 @@ def _message_dict(m) -> dict:
     return d
 
 
+def _image_part(p, i: int, allow_paths: bool) -> dict:
+    """An image_url part checked for where it points: data: URLs always; files on this machine
+    (file:// or an absolute path) only with --allow-image-paths; never the network."""
+    url = p.image_url.url.strip() if p.image_url is not None else ""
+    param = f"messages[{i}].content"
+    if url.startswith("data:"):
+        return {"type": "image_url", "image_url": {"url": url}}
+    if url.lower().startswith(("http://", "https://", "ftp://")):
+        raise APIError(400, "image_url must be a data: URL (lmforge never downloads images)", param=param, code="invalid_image")
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if not path.startswith("/"):
+        raise APIError(400, "image_url must be a data: URL" + (" or an absolute file path" if allow_paths else ""),
+                       param=param, code="invalid_image")
+    if not allow_paths:
+        raise APIError(400, "image_url names a file, which this server does not read (start it with --allow-image-paths); "
+                            "send a data: URL", param=param, code="invalid_image")
+    return {"type": "image", "path": path}
+
+
 def _with_system(messages: list[dict], text: str) -> list[dict]:
+    if messages and messages[0]["role"] == "system" and isinstance(messages[0]["content"], list):
+        return [{**messages[0], "content": messages[0]["content"] + [{"type": "text", "text": "\n\n" + text}]}] + messages[1:]
     if messages and messages[0]["role"] == "system":
         return [{**messages[0], "content": (messages[0]["content"] + "\n\n" + text).strip()}] + messages[1:]
     return [{"role": "system", "content": text}] + messages
@@ -433,7 +470,9 @@ def _system2(body, sched: Scheduler, reward_model, params: SamplingParams) -> tu
 def _prepare_chat(body: ChatCompletionRequest, tokenizer, sched: Scheduler, cfg: ServeConfig, reward_model=None) -> ChatPrep:
     from lmforge.chat import render_prompt
 
-    messages = [_message_dict(m) for m in body.messages]
+    sees = _sees(sched.model)
+    messages = [_message_dict(m, i, sees, cfg.allow_image_paths) for i, m in enumerate(body.messages)]
+    images = sees and any(isinstance(m["content"], list) for m in messages)
     json_mode = False
     if body.response_format is not None and body.response_format.type != "text":
         if body.response_format.type == "json_schema":
@@ -464,14 +503,21 @@ def _prepare_chat(body: ChatCompletionRequest, tokenizer, sched: Scheduler, cfg:
                 json_keys = json_mode_keys(2, props)
     elif choice not in (None, "none", "auto"):
         raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    if images and tools is not None:
+        raise APIError(400, "tools cannot be combined with images (yet)", param="tools")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     if body.n > sched.slots:
         raise APIError(400, f"n={body.n} exceeds this server's {sched.slots} slots", param="n")
+    pixels = None
     try:
-        ids = render_prompt(tokenizer, messages, tools=tools)
+        if images:  # the images are opened (and refused, in one line) here, in the worker thread
+            p = sched.model.render_chat(tokenizer, messages)
+            ids, pixels = p.ids, (p.pixel_values, p.pixel_attention_mask)
+        else:
+            ids = render_prompt(tokenizer, messages, tools=tools)
     except LmforgeError as e:
-        raise APIError(400, str(e), param="messages") from None
+        raise APIError(400, " ".join(str(e).split()), param="messages", code="invalid_image" if images else None) from None
     if forced:
         ids = ids + tokenizer.encode(forced)
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -484,12 +530,15 @@ def _prepare_chat(body: ChatCompletionRequest, tokenizer, sched: Scheduler, cfg:
     s2 = _system2(body, sched, reward_model, params)
     if s2 is not None and tools is not None:
         raise APIError(400, "system2 cannot be combined with tools", param="tools")
+    if s2 is not None and images and s2[0] == "best_of_n":
+        raise APIError(400, "system2 mode best_of_n cannot score replies about images (the reward model reads text); use vote",
+                       param="system2.mode")
     req = GenRequest(
         prompt=ids, params=params, n=body.n if s2 is None else s2[1],
         logprobs=(body.top_logprobs or 0) if body.logprobs else None, json_mode=json_mode or bool(forced), ignore_eos=body.ignore_eos,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         logit_bias=_logit_bias(body, sched.vocab), json_prefix=forced[len(_call_open()):] if forced else "",
-        json_keys=json_keys,
+        json_keys=json_keys, pixel_values=pixels[0] if pixels else None, pixel_attention_mask=pixels[1] if pixels else None,
     )
     return ChatPrep(req, tools=tools is not None, forced=forced, logprobs=body.logprobs, system2=s2,
                     messages=messages if s2 is not None else None)

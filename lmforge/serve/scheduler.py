@@ -9,7 +9,11 @@ A background thread owns the model. Each iteration it
 5. samples each row with its own parameters and generator, detokenizes (stop strings), and
    pushes events to the request's asyncio queue with `loop.call_soon_threadsafe`.
 
-`n > 1` prefills the prompt once and copies its cache row into the sibling slots. Requests that
+`n > 1` prefills the prompt once and copies its cache row into the sibling slots.
+A vision-language model's request with pixels (`GenRequest.pixel_values`) is prefilled on its
+own, whole (its image tokens must meet their features in one forward); text requests batch as
+before. Prefix reuse never crosses an image: a slot's kept tokens count only up to the first
+image token it holds, and an image request reuses only the text before its first image. Requests that
 cannot get slots wait in a bounded queue; `submit` raises `QueueFull` beyond it (HTTP 429).
 The event loop never runs model code: it only awaits queues.
 """
@@ -33,6 +37,15 @@ from lmforge.serve import json_mode
 log = logging.getLogger("lmforge.serve")
 
 
+def _stop_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a reply: a vision-language model's `<end_of_utterance>` too (as `LM.stop_ids`)."""
+    if not hasattr(model, "render_chat"):
+        return tokenizer.stop_ids()
+    from lmforge.vision.generate import reply_stop_ids
+
+    return reply_stop_ids(tokenizer)
+
+
 class QueueFull(Exception):
     """The waiting queue is at its bound."""
 
@@ -52,6 +65,8 @@ class GenRequest:
     logit_bias: dict[int, float] | None = None
     json_prefix: str = ""  # JSON already forced into the prompt (a tool call's opening): JSON mode continues it
     json_keys: tuple | None = None  # json_mode.key_constraint: allowed keys at one depth (tool arguments)
+    pixel_values: torch.Tensor | None = None  # a VLM prompt's images ([1, N, 3, H, W]); its <image> tokens take them
+    pixel_attention_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -163,7 +178,8 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device  # (a GGUF head has no weight tensor to ask)
         self.vocab = model.cfg.vocab_size
-        self.stop_ids = tokenizer.stop_ids()
+        self.stop_ids = _stop_ids(model, tokenizer)
+        self.image_token = getattr(model, "image_token_id", None)
         self.cache = None  # allocated when the thread starts
         self.free = list(range(slots))
         # the tokens whose keys/values each slot holds (its cache length), kept after a request
@@ -171,6 +187,9 @@ class Scheduler:
         # prompt) goes to that slot and prefills only the rest
         self.slot_tokens: list[list[int]] = [[] for _ in range(slots)]
         self.slot_used = [0] * slots  # admission counter when each slot was last taken (LRU)
+        # how many of a slot's kept tokens may be reused: those before its first image token (the
+        # keys/values after it depend on the pixels, which two prompts with equal ids need not share)
+        self.slot_clean: list[int | None] = [None] * slots
         self._admissions = 0
         self.waiting: collections.deque[Handle] = collections.deque()
         self.active: list[_Seq] = []
@@ -298,7 +317,7 @@ class Scheduler:
                     return  # first come, first served: a large n waits rather than being overtaken
                 h = self.waiting.popleft()
             req = h.req
-            slots, reused = self._take_slots(req.prompt, req.n)
+            slots, reused = self._take_slots(req.prompt, req.n, self._first_image(req))
             group = []
             for i, slot in enumerate(slots):
                 seed = (req.params.seed + i) % (1 << 63) if req.params.seed is not None else random.getrandbits(62)
@@ -316,13 +335,22 @@ class Scheduler:
             self.stats.prefix_tokens += reused
             self.prefilling.append(group)
 
-    def _take_slots(self, prompt: list[int], n: int) -> tuple[list[int], int]:
+    def _first_image(self, req: GenRequest) -> int | None:
+        """The position of a request's first image token when it carries pixels, else None."""
+        if req.pixel_values is None or self.image_token not in req.prompt:
+            return None
+        return req.prompt.index(self.image_token)
+
+    def _take_slots(self, prompt: list[int], n: int, first_image: int | None = None) -> tuple[list[int], int]:
         """`n` free slots for a prompt, the first the one whose kept tokens share the longest
         prefix with it (else the least recently used), and how many prompt tokens it keeps.
-        At least the prompt's last token is always computed again: its logits start the reply."""
+        At least the prompt's last token is always computed again: its logits start the reply.
+        Neither the slot's kept tokens nor the prompt count past their first image token."""
+        limit = len(prompt) - 1 if first_image is None else min(len(prompt) - 1, first_image)
+
         def shared(slot):
-            held, k = self.slot_tokens[slot], 0
-            for a, b in zip(held, prompt[: len(prompt) - 1]):
+            held, k = self.slot_tokens[slot][: self.slot_clean[slot]], 0
+            for a, b in zip(held, prompt[:limit]):
                 if a != b:
                     break
                 k += 1
@@ -336,6 +364,7 @@ class Scheduler:
             self.free.remove(sl)
             self._admissions += 1
             self.slot_used[sl] = self._admissions
+            self.slot_clean[sl] = first_image
         self.cache.reset(slots)
         self.cache.lengths[best] = keep
         del self.slot_tokens[best][keep:]
@@ -344,11 +373,16 @@ class Scheduler:
         return slots, keep
 
     def _prefill_step(self) -> None:
-        """One forward over a chunk of every prefilling prompt (its first choice's slot)."""
+        """One forward over a chunk of every prefilling text prompt (its first choice's slot);
+        a prompt with images at the head of the line is prefilled alone, whole."""
+        if self.prefilling[0][0].handle.req.pixel_values is not None:
+            return self._prefill_images(self.prefilling[0])
         budget = self.prefill_chunk
         rows, chunks = [], []
         for group in self.prefilling:
             lead = group[0]
+            if lead.handle.req.pixel_values is not None:
+                continue  # its turn comes when it heads the line
             prompt = lead.handle.req.prompt
             take = min(len(prompt) - lead.prefilled, budget)
             if take <= 0:
@@ -378,19 +412,36 @@ class Scheduler:
         last = h[torch.tensor(done_rows, device=self.device), n_new[done_rows] - 1]
         logits = self.model.head(last).float()
         for j, group in enumerate(done_groups):
-            self.prefilling.remove(group)
-            lead = group[0]
-            L = len(lead.handle.req.prompt)
-            for s in group[1:]:  # n > 1: copy the prompt's keys/values instead of recomputing them
-                for kb, vb in zip(self.cache.k, self.cache.v):
-                    kb[s.slot, :, :L] = kb[lead.slot, :, :L]
-                    vb[s.slot, :, :L] = vb[lead.slot, :, :L]
-                self.cache.lengths[s.slot] = L
-                self.slot_tokens[s.slot] = list(lead.handle.req.prompt)
-            for s in group:
-                s.prefilled = L
-                self.active.append(s)
-                self._sample_safe(s, logits[j])
+            self._prefilled(group, logits[j])
+
+    def _prefill_images(self, group: list[_Seq]) -> None:
+        """The rest of one prompt with images, its pixels passed with it (`VLM.forward`)."""
+        lead = group[0]
+        req = lead.handle.req
+        chunk = req.prompt[lead.prefilled:]
+        idx = torch.tensor([chunk], device=self.device)
+        pv, mask = (None if t is None else t.to(self.device) for t in (req.pixel_values, req.pixel_attention_mask))
+        h = self.model(idx, pv, mask, cache=self.cache, rows=torch.tensor([lead.slot], device=self.device),
+                       n_new=torch.tensor([len(chunk)], device=self.device), hidden_only=True)
+        self.stats.prefill_tokens += len(chunk)
+        self.slot_tokens[lead.slot].extend(chunk)
+        self._prefilled(group, self.model.head(h[:, -1]).float()[0])
+
+    def _prefilled(self, group: list[_Seq], logits: torch.Tensor) -> None:
+        """A group's prompt is in its lead slot: copy it to the siblings, sample every first token."""
+        self.prefilling.remove(group)
+        lead = group[0]
+        L = len(lead.handle.req.prompt)
+        for s in group[1:]:  # n > 1: copy the prompt's keys/values instead of recomputing them
+            for kb, vb in zip(self.cache.k, self.cache.v):
+                kb[s.slot, :, :L] = kb[lead.slot, :, :L]
+                vb[s.slot, :, :L] = vb[lead.slot, :, :L]
+            self.cache.lengths[s.slot] = L
+            self.slot_tokens[s.slot] = list(lead.handle.req.prompt)
+        for s in group:
+            s.prefilled = L
+            self.active.append(s)
+            self._sample_safe(s, logits)
 
     def _decode_step(self, seqs: list[_Seq]) -> None:
         tokens = torch.tensor([[s.pending] for s in seqs], device=self.device)
@@ -532,6 +583,7 @@ class Scheduler:
 
     def _fail_all(self, msg: str, finish: str = "error") -> None:
         self.slot_tokens = [[] for _ in range(self.slots)]  # a failed forward leaves no cache to trust
+        self.slot_clean = [None] * self.slots
         if self.cache is not None:
             self.cache.reset()
         for s in self.active:

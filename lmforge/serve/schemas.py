@@ -122,9 +122,21 @@ class ToolCall(_Body):
     function: ToolCallFunction
 
 
+MAX_IMAGE_URL = 64 << 20  # characters of one image_url (a data: URL); the body limit bounds it first
+
+
+class ImageURL(_Body):
+    url: str = Field(max_length=MAX_IMAGE_URL)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; a VLM's preprocessing decides the tiles
+
+
 class ContentPart(_Body):
+    """A text part, or (for a vision-language model) OpenAI's image part `{"type": "image_url",
+    "image_url": {"url": "data:image/png;base64,..."}}`."""
+
     type: str = Field(max_length=64)
     text: str | None = Field(default=None, max_length=MAX_TEXT)
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(_Body):

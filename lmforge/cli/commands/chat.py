@@ -1,4 +1,4 @@
-"""Chat with a model in the terminal (streaming; /reset, /system TEXT, /quit)."""
+"""Chat with a model in the terminal (streaming; /reset, /system TEXT, /image PATH, /quit)."""
 from __future__ import annotations
 
 import base64
@@ -11,7 +11,8 @@ from lmforge.align.system2 import System2Args
 from lmforge.cli.common import ModelArgs, SamplingArgs, load_lm, runtime_summary, sampling_from, with_model_sampling
 from lmforge.errors import LmforgeError
 
-HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /quit"
+HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt), "
+        "/image PATH (attach a picture to your next message), /quit")
 
 
 @dataclass
@@ -21,6 +22,13 @@ class Config(ModelArgs, SamplingArgs, System2Args):
     search_index: str | None = None  # index for the search tool (lmforge index build)
     max_tool_steps: int = 4
     figures_dir: str = "lmforge-figures"  # where the python tool's figures are saved (PNG files)
+    image: str | None = None  # a picture the first message asks about (a vision-language model such as SmolVLM)
+
+
+def encode(lm, messages: list[dict], tools=None) -> tuple[list[int], tuple | None]:
+    """(prompt ids, the pictures' (pixel_values, pixel_attention_mask) or None)."""
+    with_images = lm.encode_images(messages)
+    return with_images if with_images is not None else (lm.encode_chat(messages, tools=tools), None)
 
 
 def fit_history(lm, messages: list[dict], reserve: int, tools=None) -> tuple[list[dict], int]:
@@ -29,7 +37,7 @@ def fit_history(lm, messages: list[dict], reserve: int, tools=None) -> tuple[lis
     ctx = lm.config.max_seq_len
     dropped = 0
     msgs = list(messages)
-    while len(lm.encode_chat(msgs, tools=tools)) + reserve > ctx:
+    while len(encode(lm, msgs, tools)[0]) + reserve > ctx:
         first = 1 if msgs and msgs[0]["role"] == "system" else 0
         if len(msgs) - first <= 1:
             break
@@ -58,6 +66,23 @@ def save_figures(figures: list[dict], folder: str | Path) -> list[Path]:
     return paths
 
 
+def check_image(lm, path: str) -> str:
+    """`path` when the model takes pictures and the file is one it reads; else a one-line error."""
+    from lmforge.vision import open_image
+
+    if not hasattr(lm.model, "render_chat"):
+        raise LmforgeError(f"{getattr(lm.model, 'source_path', 'this model')} does not take images "
+                           "(a vision-language model such as SmolVLM does)")
+    open_image(path)
+    return path
+
+
+def user_message(text: str, image: str | None) -> dict:
+    if image is None:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "image", "path": image}, {"type": "text", "text": text}]}
+
+
 def run(cfg: Config) -> None:
     from lmforge.align.system2 import check_args, describe, system2_generate
     from lmforge.engine import stream_text
@@ -66,10 +91,13 @@ def run(cfg: Config) -> None:
     mode, note = check_args(cfg, params)
     if mode is not None and cfg.tools:
         raise LmforgeError("--system2 cannot be combined with --tools")
+    if cfg.image and (mode is not None or cfg.tools):
+        raise LmforgeError("--image cannot be combined with --system2 or --tools")
     if note:
         print(note, file=sys.stderr)
     lm = load_lm(cfg)
     params = with_model_sampling(params, cfg, lm.model)
+    image = check_image(lm, cfg.image) if cfg.image else None  # goes with the next user message
     tools = None
     if cfg.tools:
         from lmforge.tools import get_tools
@@ -100,10 +128,25 @@ def run(cfg: Config) -> None:
             system = text[len("/system"):].strip() or None
             print(f"(system prompt {'set' if system else 'cleared'})", file=sys.stderr)
             continue
+        if text.startswith("/image"):
+            if mode is not None or tools:
+                print("error: /image cannot be combined with --system2 or --tools", file=sys.stderr)
+                continue
+            path = text[len("/image"):].strip()
+            if not path:
+                print("usage: /image PATH", file=sys.stderr)
+                continue
+            try:  # a wrong path or a model that cannot see is said, and the chat goes on
+                image = check_image(lm, path)
+                print(f"(image attached to your next message: {image})", file=sys.stderr)
+            except LmforgeError as e:
+                print(f"error: {e}", file=sys.stderr)
+            continue
         if text.startswith("/"):
             print(HELP, file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
+        history.append(user_message(text, image))
+        image = None
         messages = ([{"role": "system", "content": system}] if system else []) + history
         messages, dropped = fit_history(lm, messages, params.max_new_tokens, tools=[t.schema() for t in tools] if tools else None)
         if dropped:
@@ -131,7 +174,8 @@ def run(cfg: Config) -> None:
             history.append({"role": "assistant", "content": out["text"]})
             continue
         reply = []
-        for _, piece in stream_text(lm.model, lm.tokenizer, [lm.encode_chat(messages)], params):
+        ids, pixels = encode(lm, messages)
+        for _, piece in stream_text(lm.model, lm.tokenizer, [ids], params, pixels, lm.stop_ids()):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -17,6 +17,7 @@ class Config(ModelArgs, SamplingArgs, System2Args):
     system: str | None = None
     raw: bool = False  # plain completion even when the model has a chat template
     json: bool = False  # print a JSON object with the text and token counts
+    image: str | None = None  # an image the prompt asks about (a vision-language model such as SmolVLM)
     data: str | None = None  # JSONL: {"prompt": ...} or {"messages": [...]} per line
     out: str | None = None  # output JSONL for --data (default: stdout)
     batch_size: int = 8
@@ -100,7 +101,15 @@ def run(cfg: Config) -> None:
         raise LmforgeError("empty prompt (pass --prompt TEXT or text on stdin)")
     lm = load_lm(cfg)
     params = with_model_sampling(params, cfg, lm.model)
-    ids, messages = _prompt(lm, prompt, None, cfg.system, cfg.raw)
+    images, stops = None, lm.stop_ids()
+    if cfg.image:
+        if cfg.raw or mode is not None:
+            raise LmforgeError("--image goes with a chat prompt (not --raw or System 2)")
+        content = [{"type": "image", "path": cfg.image}, {"type": "text", "text": prompt}]
+        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": content}]
+        ids, images = lm.encode_images(messages)
+    else:
+        ids, messages = _prompt(lm, prompt, None, cfg.system, cfg.raw)
     if mode is not None:  # every sample must finish before one is chosen: nothing to stream
         res = system2_reply(lm, cfg, mode, ids, messages, params)
         if cfg.json:
@@ -111,14 +120,14 @@ def run(cfg: Config) -> None:
             print(res["text"])
         return
     if cfg.json:
-        res = generate_text(lm.model, lm.tokenizer, [ids], params)[0]
+        res = generate_text(lm.model, lm.tokenizer, [ids], params, images, stops)[0]
         res.pop("ids")
         print(json.dumps(res, ensure_ascii=False))
         return
     if cfg.stream:
-        for _, piece in stream_text(lm.model, lm.tokenizer, [ids], params):
+        for _, piece in stream_text(lm.model, lm.tokenizer, [ids], params, images, stops):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        print(generate_text(lm.model, lm.tokenizer, [ids], params)[0]["text"])
+        print(generate_text(lm.model, lm.tokenizer, [ids], params, images, stops)[0]["text"])

@@ -146,7 +146,11 @@ const state = {
                           loadJSON(KEYS.settings, {})),
   controller: null,
   tools: [],  // the tools this server runs for the page (GET /v1/tools): sent with every request
+  vision: false,  // the model takes images (its /v1/models card lists "image" in input_modalities)
+  image: null,  // the picture attached to the next message, as a data: URL
 };
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp"];  // raster only: never SVG
+const MAX_IMAGE_BYTES = 10 * 1024 * 1024;  // the server takes 16 MB bodies; base64 adds a third
 const MAX_TOOL_STEPS = 4;  // rounds of tool calls per message, as `lmforge chat`
 const PNG_URL = "data:image/png;base64,";
 
@@ -154,7 +158,7 @@ function saveConvs() {
   try {
     localStorage.setItem(KEYS.convs, JSON.stringify(state.convs));
   } catch {  // figures are large: past the browser's quota they stay for this session only
-    try { localStorage.setItem(KEYS.convs, JSON.stringify(state.convs, (k, v) => (k === "figures" ? undefined : v))); } catch {}
+    try { localStorage.setItem(KEYS.convs, JSON.stringify(state.convs, (k, v) => (k === "figures" || k === "image" ? undefined : v))); } catch {}
   }
   if (state.current) localStorage.setItem(KEYS.current, state.current);
 }
@@ -234,9 +238,19 @@ function setContent(div, text) {
 // turn its text and the figures the server sent (PNG data: URLs only, put in <img> by the DOM).
 function messageFor(m) {
   const div = messageElement(m.role, m.content || "", m.note);
+  if (m.role === "user" && m.image) addThumb(div, m.image);
   if (m.role === "assistant" && m.tool_calls && m.tool_calls.length) addCalls(div, m.tool_calls);
   if (m.role === "tool") addFigures(div, m.figures || []);
   return div;
+}
+
+function addThumb(div, url) {
+  if (typeof url !== "string" || !IMAGE_TYPES.some((t) => url.startsWith("data:" + t + ";base64,"))) return;
+  const img = document.createElement("img");
+  img.className = "thumb";
+  img.src = url;
+  img.alt = "attached image";
+  div.querySelector(".body").prepend(img);
 }
 
 function addCalls(div, calls) {
@@ -317,6 +331,8 @@ async function loadModels() {
     }
     if (data.some((m) => m.id === state.settings.model)) sel.value = state.settings.model;
     state.settings.model = sel.value;
+    const card = data.find((m) => m.id === sel.value);
+    setVision(!!card && Array.isArray(card.input_modalities) && card.input_modalities.includes("image"));
     $("model-name").textContent = sel.value || "no model";
     $("status").textContent = "";
   } catch (e) {
@@ -331,7 +347,9 @@ function requestBody(conv) {
   for (const m of conv.messages) {
     if (m.role === "tool") messages.push({ role: "tool", tool_call_id: m.tool_call_id, content: m.content });  // text only: figures stay here
     else if (m.role === "assistant" && m.tool_calls) messages.push({ role: "assistant", content: m.content || null, tool_calls: m.tool_calls });
-    else if (m.role === "user" || m.role === "assistant") messages.push({ role: m.role, content: m.content });
+    else if (m.role === "user" && m.image) {  // OpenAI's image part: the picture as a data: URL
+      messages.push({ role: "user", content: [{ type: "image_url", image_url: { url: m.image } }, { type: "text", text: m.content }] });
+    } else if (m.role === "user" || m.role === "assistant") messages.push({ role: m.role, content: m.content });
   }
   const body = { model: s.model || "default", messages, stream: true };
   if (state.tools.length) body.tools = state.tools;
@@ -345,8 +363,10 @@ function requestBody(conv) {
 
 async function send(text) {
   let conv = currentConv() || newConversation();
-  conv.messages.push({ role: "user", content: text });
-  if (conv.title === "New chat") conv.title = text.slice(0, 40) || "New chat";
+  const image = state.image;
+  conv.messages.push(image ? { role: "user", content: text, image } : { role: "user", content: text });
+  setImage(null);
+  if (conv.title === "New chat") conv.title = text.slice(0, 40) || (image ? "Image" : "New chat");
   saveConvs(); renderSidebar(); renderMessages();
 
   const controller = new AbortController();
@@ -462,6 +482,69 @@ function setBusy(busy) {
   $("status").textContent = busy ? "generating…" : "";
 }
 
+// ---------------------------------------------------------------- images ------------------
+// Offered only when the model takes images: a file button, paste and drop. The picture is read
+// here into a data: URL, shown, and sent with the next message as an image_url part.
+
+function setVision(on) {
+  state.vision = on;
+  $("attach").hidden = !on;
+  if (!on) setImage(null);
+}
+
+function setImage(url) {
+  state.image = url;
+  const box = $("attachment");
+  box.innerHTML = "";
+  box.hidden = !url;
+  if (!url) return;
+  const img = document.createElement("img");
+  img.src = url;
+  img.alt = "image to send";
+  const drop = document.createElement("button");
+  drop.type = "button";
+  drop.textContent = "Remove";
+  drop.addEventListener("click", () => setImage(null));
+  box.append(img, drop);
+}
+
+function takeImage(file) {
+  if (!state.vision || !file) return false;
+  if (!IMAGE_TYPES.includes(file.type)) { $("status").textContent = "not an image this page sends (PNG, JPEG, WebP, GIF, BMP)"; return true; }
+  if (file.size > MAX_IMAGE_BYTES) { $("status").textContent = "image too large (at most 10 MB)"; return true; }
+  const reader = new FileReader();
+  reader.onload = () => { setImage(String(reader.result)); $("status").textContent = ""; };
+  reader.onerror = () => { $("status").textContent = "could not read the image"; };
+  reader.readAsDataURL(file);
+  return true;
+}
+
+function firstImage(items) {
+  for (const it of items || []) {
+    const f = it instanceof File ? it : (it.kind === "file" ? it.getAsFile() : null);
+    if (f && f.type.startsWith("image/")) return f;
+  }
+  return null;
+}
+
+function bindImages() {
+  $("attach").addEventListener("click", () => $("image-file").click());
+  $("image-file").addEventListener("change", (e) => { takeImage(e.target.files[0]); e.target.value = ""; });
+  $("input").addEventListener("paste", (e) => {
+    const f = state.vision && e.clipboardData ? firstImage(e.clipboardData.items) : null;
+    if (f) { e.preventDefault(); takeImage(f); }
+  });
+  const zone = document.querySelector("main");
+  zone.addEventListener("dragover", (e) => { if (state.vision) { e.preventDefault(); $("composer").classList.add("dragging"); } });
+  zone.addEventListener("dragleave", () => $("composer").classList.remove("dragging"));
+  zone.addEventListener("drop", (e) => {
+    $("composer").classList.remove("dragging");
+    if (!state.vision) return;
+    e.preventDefault();
+    takeImage(firstImage(e.dataTransfer && e.dataTransfer.files));
+  });
+}
+
 // ---------------------------------------------------------------- wiring ------------------
 
 function bindSettings() {
@@ -485,6 +568,7 @@ function bindSettings() {
 
 function init() {
   bindSettings();
+  bindImages();
   if (!currentConv()) state.current = state.convs.length ? state.convs[0].id : null;
   renderSidebar();
   renderMessages();
@@ -494,7 +578,7 @@ function init() {
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
     const text = $("input").value.trim();
-    if (!text || state.controller) return;
+    if ((!text && !state.image) || state.controller) return;
     $("input").value = "";
     send(text);
   });
