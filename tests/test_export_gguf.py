@@ -89,7 +89,7 @@ def test_metadata_and_round_trip_through_lmforge(tmp_path, tiny_model, tiny_tok)
     meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.tokens")}
     assert meta["general.architecture"] == "llama"
     assert meta["llama.block_count"] == 2 and meta["llama.attention.head_count_kv"] == 2
-    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt2"
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
     assert meta["tokenizer.chat_template"] == TEMPLATE
     assert meta["tokenizer.ggml.eos_token_id"] == tiny_tok.eos_id
     types = r.fields["tokenizer.ggml.token_type"].contents()

@@ -2,13 +2,14 @@
 
     write_gguf(model, tokenizer, "out/model.gguf", "q8_0")
 
-- Architecture `llama` (or `qwen2` when the model has q/k/v biases), hyperparameters in the
-  `<arch>.*` keys llama.cpp reads.
+- The llama.cpp architecture the model's features make it (`llama`, `qwen2`, `qwen3`, `gemma2`,
+  `gemma3`, `phi3`, `olmo2`, `gpt2`, `smollm3`, `qwen3moe`), in llama.cpp's own layout: its
+  tensor names, fused and stacked tensors, value conventions (lmforge/loading/gguf_maps.py) and
+  the `<arch>.*` keys its converter writes and llama.cpp reads.
 - Tokenizer: byte-level BPE as `tokenizer.ggml.model = gpt2` with tokens, merges, token types
   (control for special tokens), the pre-tokenizer name llama.cpp knows (`smollm`, `gpt2`,
   `llama-bpe`, `qwen2`, found from the tokenizer's own pre-tokenizer), special ids and the
   chat template.
-- Q/K rows are permuted for llama.cpp's interleaved RoPE (the inverse of what the loader undoes).
 - Types: `f16` (2-D weights f16), `q8_0` (2-D weights Q8_0), `q4_0` (2-D weights Q4_0, the token
   embedding Q8_0 as llama.cpp keeps the embedding/output at higher precision). Norms stay
   F32; a weight whose rows are not a multiple of 32 falls back to F16.
@@ -16,27 +17,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.loading import gguf_maps as maps
+from lmforge.model import rope_attention_factor
 
 GGUF_TYPES = ("f16", "q8_0", "q4_0")
-_LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-}
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -45,21 +36,6 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     if w.ndim == 1:
         return w.reshape(n_head, 2, out // n_head // 2).swapaxes(1, 2).reshape(out)
     return w.reshape(n_head, 2, out // n_head // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
-
-
-def gguf_tensor_name(hf_name: str) -> str | None:
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    if hf_name == "lm_head.weight":
-        return "output.weight"
-    parts = hf_name.split(".")
-    if len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers":
-        key = ".".join(parts[3:-1])
-        if key in _LAYER_NAMES:
-            return f"blk.{parts[2]}.{_LAYER_NAMES[key]}.{parts[-1]}"
-    return None
 
 
 def _float_state(model) -> dict[str, torch.Tensor]:
@@ -79,13 +55,13 @@ def pre_tokenizer_name(tok_json: dict) -> str:
     seq = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in seq]
     if kinds == ["ByteLevel"] and seq[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's spelling (it refuses "gpt2"); lmforge's reader takes both
     if kinds == ["Digits", "ByteLevel"] and seq[0].get("individual_digits") and seq[1].get("use_regex", True):
         return "smollm"
     if kinds and kinds[0] == "Split" and kinds[-1] == "ByteLevel":
         pattern = seq[0].get("pattern", {})
         regex = pattern.get("Regex", pattern.get("String"))
-        named = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2", _GPT2_REGEX: "gpt2", _GPT2_REGEX[:-4]: "gpt2"}
+        named = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2", _GPT2_REGEX: "gpt-2", _GPT2_REGEX[:-4]: "gpt-2"}
         if len(seq) == 2 and regex in named:
             return named[regex]
     raise LmforgeError(f"cannot export this tokenizer to GGUF: llama.cpp has no pre-tokenizer matching {json.dumps(pre)[:200]}")
@@ -126,6 +102,8 @@ def _tensor_type(name: str, arr: np.ndarray, gguf_type: str):
     Q = gguf.GGMLQuantizationType
     if arr.ndim == 1 or name.endswith("_norm.weight") or name.endswith(".bias"):
         return Q.F32
+    if ".ffn_gate_inp." in name or name.startswith("position_embd."):  # kept F32, as llama.cpp's converter does
+        return Q.F32
     if arr.shape[-1] % 32:
         return Q.F16
     if gguf_type == "f16":
@@ -137,30 +115,169 @@ def _tensor_type(name: str, arr: np.ndarray, gguf_type: str):
 
 def unsupported_reason(cfg) -> str | None:
     """Why a model with this config cannot be written as GGUF (None when it can); also what
-    `lmforge info` says."""
-    if cfg.is_moe:
-        return "GGUF export supports dense models only (this one is a mixture of experts)"
-    if cfg.mlp_bias:
-        return "GGUF export: MLP biases are not supported by llama.cpp's llama architecture"
-    if cfg.rope_kind not in (None, "linear"):
-        return f"GGUF export: rope scaling '{cfg.rope_kind}' is not supported (linear only)"
+    `lmforge info` says. Each family is checked against what llama.cpp's architecture for it
+    computes, so that a file it writes runs there as it runs here."""
+    arch = maps.arch_of(cfg)
+    if arch in ("mixtral", "qwen2moe"):
+        return f"GGUF export: {'Mixtral' if arch == 'mixtral' else 'Qwen2-MoE'}-style mixtures of experts are not supported yet (Qwen3-MoE is)"
+    if (cfg.mlp_bias or cfg.attn_out_bias) and arch != "gpt2":
+        return "GGUF export: MLP or attention-output biases outside GPT-2 match no llama.cpp architecture"
     if cfg.qk_norm and cfg.attention_bias:
         return "GGUF export: q/k norms with q/k/v biases match no llama.cpp architecture"
-    if cfg.layer_types is not None:
-        return "GGUF export: per-layer attention windows (layer_types) are not supported"
-    if cfg.sandwich_norms or cfg.norm_unit_offset or cfg.activation != "silu":
-        return "GGUF export: Gemma-style layers are not supported yet"
-    if cfg.post_norms or cfg.qk_norm_whole:
-        return "GGUF export: OLMo 2-style norms are not supported yet"
-    if cfg.rope_layers is not None:
-        return "GGUF export: layers without RoPE (SmolLM3) are not supported yet"
-    if cfg.norm_kind != "rms" or cfg.learned_positions or not cfg.gated_mlp or cfg.attn_out_bias:
-        return "GGUF export: GPT-2-style layers are not supported yet"
+    if cfg.activation != ("gelu_tanh" if arch in maps.GEMMA + ("gpt2",) else "silu"):
+        return f"GGUF export: llama.cpp's {arch} has no '{cfg.activation}' MLP"
+    if cfg.rope_kind not in ((None, "longrope") if arch == "phi3" else (None, "linear")):
+        return f"GGUF export: rope scaling '{cfg.rope_kind}' is not supported for {arch} (linear only; LongRoPE in Phi-3)"
+    if cfg.layer_types is not None and arch not in maps.GEMMA:
+        return "GGUF export: per-layer attention windows (layer_types) are supported for Gemma only"
+    check = {"gemma2": _gemma_reason, "gemma3": _gemma_reason, "phi3": _phi3_reason, "olmo2": _olmo2_reason,
+             "gpt2": _gpt2_reason, "smollm3": _smollm3_reason, "qwen3moe": _qwen3moe_reason}.get(arch)
+    return check(cfg, arch) if check else None
+
+
+def _gemma_reason(cfg, arch) -> str | None:
+    if not (cfg.norm_unit_offset and cfg.embed_scale) or cfg.attention_bias or cfg.is_moe:
+        return "GGUF export: sandwich norms need Gemma's other features ((1 + w) norms, scaled embeddings; no biases or experts)"
+    if arch == "gemma2" and not cfg.tie_embeddings:
+        return "GGUF export: llama.cpp's gemma2 ties the output head to the embeddings (this model has its own)"
+    if arch == "gemma2" and not (cfg.attn_logit_softcap and cfg.final_logit_softcap):
+        return "GGUF export: llama.cpp's gemma2 soft-caps attention scores and logits (this model does not)"
+    if arch == "gemma3" and cfg.attn_logit_softcap:
+        return "GGUF export: llama.cpp's gemma3 has no attention-score soft-cap"
+    if cfg.rope_kind and (arch == "gemma2" or cfg.rope_local_theta is None):
+        return "GGUF export: RoPE scaling in Gemma's sliding layers is not supported (global layers only, with a local base)"
     return None
 
 
+def _phi3_reason(cfg, arch) -> str | None:
+    if cfg.attention_bias or cfg.qk_norm or cfg.is_moe or cfg.n_heads * cfg.head_dim != cfg.d_model:
+        return "GGUF export: llama.cpp's phi3 has no biases, q/k norms or experts, and heads that span the width"
+    return None
+
+
+def _olmo2_reason(cfg, arch) -> str | None:
+    if not cfg.qk_norm_whole or cfg.attention_bias or cfg.is_moe or cfg.n_heads * cfg.head_dim != cfg.d_model:
+        return "GGUF export: llama.cpp's olmo2 needs whole-projection q/k norms, heads that span the width, no biases or experts"
+    if cfg.sliding_window:
+        return "GGUF export: OLMo-style layers with sliding windows (OLMo 3) are not supported"
+    return None
+
+
+def _gpt2_reason(cfg, arch) -> str | None:
+    if not (cfg.norm_kind == "layer" and cfg.learned_positions and not cfg.gated_mlp and cfg.attention_bias and cfg.mlp_bias
+            and cfg.attn_out_bias) or cfg.is_moe or cfg.n_kv_heads != cfg.n_heads or cfg.sliding_window or cfg.qk_norm:
+        return "GGUF export: LayerNorm/learned-position layers need all of GPT-2's features (llama.cpp's gpt2)"
+    return None
+
+
+def _smollm3_reason(cfg, arch) -> str | None:
+    if cfg.rope_layers != maps.smollm3_rope_layers(cfg.n_layers):
+        return "GGUF export: llama.cpp's smollm3 leaves RoPE out of every 4th layer only (this model's NoPE layers differ)"
+    if cfg.attention_bias or cfg.qk_norm or cfg.is_moe or cfg.sliding_window:
+        return "GGUF export: llama.cpp's smollm3 has no biases, q/k norms, experts or windows"
+    return None
+
+
+def _qwen3moe_reason(cfg, arch) -> str | None:
+    if cfg.n_shared_experts or not cfg.moe_norm_topk_prob or cfg.sliding_window:
+        return "GGUF export: llama.cpp's qwen3moe renormalizes the top-k weights and has no shared expert or window"
+    return None
+
+
+def _write_hparams(w, cfg, arch: str) -> None:
+    """The `<arch>.*` keys llama.cpp's converter writes for this family (and llama.cpp reads)."""
+    import gguf
+
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.d_ff)
+    w.add_head_count(cfg.n_heads)
+    w.add_vocab_size(cfg.vocab_size)
+    if arch == "gpt2":  # LayerNorm, learned positions: no RoPE keys
+        w.add_layer_norm_eps(cfg.norm_eps)
+        return
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    if cfg.rope_kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+    if arch == "phi3":  # LongRoPE: the factors are tensors (rope_factors_long/short)
+        w.add_sliding_window(int(cfg.sliding_window or 0))  # llama.cpp's phi3 ignores it; lmforge applies it
+        if cfg.rope_kind == "longrope":
+            w.add_rope_scaling_orig_ctx_len(int(cfg.rope_scaling["original_max_position_embeddings"]))
+            w.add_rope_scaling_attn_factors(rope_attention_factor(cfg))
+    elif arch in maps.GEMMA:
+        _write_gemma(w, cfg, arch)
+    elif cfg.sliding_window:  # llama.cpp's key; lmforge reads it back (llama.cpp's llama arch may not)
+        w.add_sliding_window(int(cfg.sliding_window))
+    if cfg.is_moe:
+        w.add_expert_count(cfg.n_experts)
+        w.add_expert_used_count(cfg.n_experts_per_token)
+        w.add_expert_feed_forward_length(cfg.moe_d_ff or cfg.d_ff)
+
+
+def _write_gemma(w, cfg, arch: str) -> None:
+    if cfg.attn_logit_softcap:
+        w.add_attn_logit_softcapping(float(cfg.attn_logit_softcap))
+    if cfg.final_logit_softcap:
+        w.add_final_logit_softcapping(float(cfg.final_logit_softcap))
+    if cfg.rope_local_theta or arch == "gemma3":
+        w.add_rope_freq_base_swa(float(cfg.rope_local_theta or cfg.rope_theta))
+    local = [cfg.window(i) is not None for i in range(cfg.n_layers)]
+    if cfg.sliding_window:
+        w.add_sliding_window(int(cfg.sliding_window))
+    # the converter leaves the pattern to llama.cpp's default (gemma2: every 2nd layer global,
+    # gemma3: every 6th); a model whose layers differ says which slide (llama.cpp reads the list)
+    if (cfg.sliding_window or arch == "gemma2") and local != maps.swa_layers(arch, cfg.n_layers, None):
+        w.add_sliding_window_pattern(local)
+
+
+def _gguf_tensors(cfg, state: dict, arch: str) -> dict[str, np.ndarray]:
+    """lmforge's HF-named fp32 weights as llama.cpp's tensors, in its conventions."""
+    fold = maps.attention_scale_fold(cfg, arch)
+    # Gemma 3's q norm comes after the projection, so the fold goes into the norm's scale
+    fold_into = "self_attn.q_norm.weight" if arch == "gemma3" else "self_attn.q_proj.weight"
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for hf, t in state.items():
+        name = maps.gguf_name(hf, arch)
+        if name is None:
+            raise LmforgeError(f"GGUF export: no llama.cpp name for tensor '{hf}' ({arch})")
+        arr = t.numpy()
+        if arch in maps.PERMUTED and ".self_attn.q_proj." in hf:
+            arr = permute_qk(arr, cfg.n_heads)
+        elif arch in maps.PERMUTED and ".self_attn.k_proj." in hf:
+            arr = permute_qk(arr, cfg.n_kv_heads)
+        if maps.shifts_norm(arch, hf):
+            arr = arr + 1.0
+        if fold != 1.0 and hf.endswith(fold_into):
+            arr = arr * fold
+        groups.setdefault(name, {})[hf] = arr
+    out = {}
+    for name, parts in groups.items():
+        pieces = maps.hf_pieces(name, arch, cfg)
+        out[name] = maps.join_pieces([parts[hf] for hf, _ in pieces], pieces)
+    if cfg.rope_kind == "longrope":
+        for which in ("long", "short"):
+            out[f"rope_factors_{which}.weight"] = np.asarray(cfg.rope_scaling[f"{which}_factor"], dtype=np.float32)
+    return out
+
+
+def _model_name(name: str, tokens: list[str]) -> str:
+    """`general.name`, unless llama.cpp would misread it: a name that says phi3 or phi-3 makes
+    it mark Phi-3's SentencePiece specials (</s>, <unk>, <s>, <|endoftext|>), and a vocabulary
+    without them then fails to load; such a name is written as "Phi 3"."""
+    if re.search("(?i)phi-?3", name) and not {"</s>", "<unk>", "<s>", "<|endoftext|>"} <= set(tokens):
+        return re.sub("(?i)phi-?3", "Phi 3", name)
+    return name
+
+
 def write_gguf(model, tokenizer, path, gguf_type: str = "f16") -> Path:
-    """Write `model` (a dense lmforge Transformer) with `tokenizer` to `path` as GGUF."""
+    """Write `model` (an lmforge Transformer) with `tokenizer` to `path` as GGUF."""
     import gguf
 
     if gguf_type not in GGUF_TYPES:
@@ -171,37 +288,19 @@ def write_gguf(model, tokenizer, path, gguf_type: str = "f16") -> Path:
     reason = unsupported_reason(cfg)
     if reason is not None:
         raise LmforgeError(reason)
-    kind = cfg.rope_kind
-    arch = "qwen3" if cfg.qk_norm else "qwen2" if cfg.attention_bias else "llama"
-    permute = arch == "llama"
+    arch = maps.arch_of(cfg)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
 
+    tf = tokenizer_fields(tokenizer, cfg.vocab_size)
     w = gguf.GGUFWriter(str(tmp), arch)
-    w.add_name(cfg.extra.get("gguf_name") or cfg.extra.get("name") or path.stem)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.d_model)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.d_ff)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_vocab_size(cfg.vocab_size)
-    if cfg.sliding_window:  # llama.cpp's key; lmforge reads it back (llama.cpp's llama arch may not)
-        w.add_sliding_window(int(cfg.sliding_window))
-    if kind == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+    w.add_name(_model_name(cfg.extra.get("gguf_name") or cfg.extra.get("name") or path.stem, tf["tokens"]))
+    _write_hparams(w, cfg, arch)
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
     w.add_file_type(ftype[gguf_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    tf = tokenizer_fields(tokenizer, cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(tf["pre"])
     w.add_token_list(tf["tokens"])
@@ -216,17 +315,9 @@ def write_gguf(model, tokenizer, path, gguf_type: str = "f16") -> Path:
         w.add_chat_template(tokenizer.chat_template)
 
     state = _float_state(model)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and arch != "olmo2":  # llama.cpp's olmo2 wants its output tensor even when tied
         state.pop("lm_head.weight", None)
-    for hf_name, t in state.items():
-        name = gguf_tensor_name(hf_name)
-        if name is None:
-            raise LmforgeError(f"GGUF export: no llama.cpp name for tensor '{hf_name}'")
-        arr = t.numpy()
-        if permute and ".attn_q." in name:
-            arr = permute_qk(arr, cfg.n_heads)
-        elif permute and ".attn_k." in name:
-            arr = permute_qk(arr, cfg.n_kv_heads)
+    for name, arr in _gguf_tensors(cfg, state, arch).items():
         qtype = _tensor_type(name, arr, gguf_type)
         if qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))

@@ -9,25 +9,11 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.loading import gguf_maps as maps
 from lmforge.model import Config
 
 GGUF_MAGIC = b"GGUF"
-# GGUF tensor name -> HF name (per layer: blk.N.<key>)
-_LAYER_KEYS = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-}
-_GLOBAL_KEYS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHS = maps.ARCHS
 
 
 # GGUF metadata value types (gguf spec): id -> struct format, or a marker for strings/arrays
@@ -198,7 +184,8 @@ def config_from_gguf(meta: dict, path: Path | str = "") -> Config:
             raise LmforgeError(f"unsupported rope scaling '{stype}' in {path}")
         rope_scaling = {"type": "linear", "factor": float(a("rope.scaling.factor"))}
     tokens = meta.get("tokenizer.ggml.tokens")
-    return Config(
+    eps = a("attention.layer_norm_epsilon" if arch == "gpt2" else "attention.layer_norm_rms_epsilon", 1e-5)
+    kw = dict(
         vocab_size=int(a("vocab_size") or (len(tokens) if tokens else 32000)),
         d_model=d_model,
         n_layers=int(a("block_count")),
@@ -206,19 +193,71 @@ def config_from_gguf(meta: dict, path: Path | str = "") -> Config:
         n_kv_heads=int(a("attention.head_count_kv", n_heads)),
         head_dim=int(a("attention.key_length") or a("rope.dimension_count") or d_model // n_heads),
         d_ff=int(a("feed_forward_length")),
-        norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
+        norm_eps=float(eps),
         rope_theta=float(a("rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
         max_seq_len=int(a("context_length", 2048)),
-        sliding_window=int(a("attention.sliding_window")) if a("attention.sliding_window") else None,
         tie_embeddings=False,  # decided from the tensors present
         attention_bias=arch == "qwen2",
-        qk_norm=arch == "qwen3",
+        qk_norm=arch in ("qwen3", "qwen3moe", "gemma3", "olmo2"),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
         extra={"source_format": "gguf", "architecture": arch, "gguf_name": meta.get("general.name", "")},
     )
+    kw.update(_windows(arch, a, kw["n_layers"]))
+    kw.update(_family_fields(arch, a, kw))
+    return Config(**kw)
+
+
+def _windows(arch: str, a, n_layers: int) -> dict:
+    """The sliding window and which layers use it, as llama.cpp reads them (Gemma 2 always
+    slides, 4096 unless the file says; its layers and Gemma 3's and OLMo's follow a pattern)."""
+    window = a("attention.sliding_window", 4096 if arch == "gemma2" else None)
+    if not window:
+        return {"sliding_window": None}
+    if arch not in maps.DEFAULT_SWA_EVERY:
+        return {"sliding_window": int(window)}
+    local = maps.swa_layers(arch, n_layers, a("attention.sliding_window_pattern"))
+    if not any(local):
+        return {"sliding_window": None}
+    types = None if all(local) else ["sliding_attention" if f else "full_attention" for f in local]
+    return {"sliding_window": int(window), "layer_types": types}
+
+
+def _family_fields(arch: str, a, kw: dict) -> dict:
+    """The Config fields that make each llama.cpp architecture the family it is."""
+    if arch in maps.GEMMA:
+        scalar = maps.llama_cpp_query_scalar(kw["n_layers"], kw["d_model"], kw["n_heads"], kw["head_dim"], arch)
+        local = a("rope.freq_base_swa", 10000.0 if arch == "gemma3" else None)
+        return dict(norm_unit_offset=True, sandwich_norms=True, embed_scale=True, activation="gelu_tanh",
+                    attn_logit_softcap=float(a("attn_logit_softcapping", 50.0)) if arch == "gemma2" else None,
+                    final_logit_softcap=float(a("final_logit_softcapping", 30.0 if arch == "gemma2" else 0.0)) or None,
+                    query_pre_attn_scalar=None if scalar == kw["head_dim"] else scalar,
+                    rope_local_theta=float(local) if local and kw.get("sliding_window") else None)
+    if arch == "olmo2":
+        return dict(post_norms=True, qk_norm_whole=True)
+    if arch == "smollm3":
+        return dict(rope_layers=maps.smollm3_rope_layers(kw["n_layers"]))
+    if arch == "gpt2":
+        return dict(n_kv_heads=kw["n_heads"], head_dim=kw["d_model"] // kw["n_heads"], norm_kind="layer", learned_positions=True,
+                    gated_mlp=False, attention_bias=True, mlp_bias=True, attn_out_bias=True, activation="gelu_tanh")
+    if arch == "qwen3moe":
+        return dict(n_experts=int(a("expert_count")), n_experts_per_token=int(a("expert_used_count")),
+                    moe_d_ff=int(a("expert_feed_forward_length") or kw["d_ff"]), moe_norm_topk_prob=True)
+    return {}
+
+
+def _longrope(meta: dict, arch: str, factors: dict) -> dict | None:
+    """Phi-3's LongRoPE from the rope_factors_long/short tensors and the keys beside them."""
+    if "long" not in factors or "short" not in factors:
+        return None
+    a = lambda k: meta.get(f"{arch}.{k}")  # noqa: E731
+    sc = {"rope_type": "longrope", "long_factor": factors["long"], "short_factor": factors["short"],
+          "original_max_position_embeddings": int(a("rope.scaling.original_context_length") or a("context_length"))}
+    if a("rope.scaling.attn_factor") is not None:
+        sc["attention_factor"] = float(a("rope.scaling.attn_factor"))
+    return sc
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -227,16 +266,6 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     if w.ndim == 1:  # a bias
         return w.reshape(n_head, out // n_head // 2, 2).swapaxes(1, 2).reshape(out)
     return w.reshape(n_head, out // n_head // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
-
-
-def hf_name(gguf_name: str) -> str | None:
-    stem, _, suffix = gguf_name.rpartition(".")  # suffix: weight | bias
-    if stem in _GLOBAL_KEYS:
-        return f"{_GLOBAL_KEYS[stem]}.{suffix}"
-    parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_KEYS:
-        return f"model.layers.{parts[1]}.{_LAYER_KEYS[parts[2]]}.{suffix}"
-    return None
 
 
 # byte ranges of the float16 scale (and min) fields inside one block, per ggml type: finite
@@ -269,39 +298,61 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, blocks: bool
     path = Path(path)
     meta, tensors = read_gguf_file(path)
     cfg = config_from_gguf(meta, path)
-    permute = cfg.extra["architecture"] == "llama"
-    state = {}
-    names = {t.name: hf_name(t.name) for t in tensors}
-    tied = "lm_head.weight" not in names.values()
+    arch = cfg.extra["architecture"]
+    pieces = {t.name: maps.hf_pieces(t.name, arch, cfg) for t in tensors}
+    tied = not any(p and p[0][0] == "lm_head.weight" for p in pieces.values())
+    _check_complete(path, [t.name for t in tensors], cfg.n_layers)
+    state, factors = {}, {}
     for t in tensors:
-        name = names[t.name]
-        if name is None:
+        if t.name.startswith("rope_factors_"):  # Phi-3's LongRoPE factors: configuration, not weights
+            factors[t.name.split(".")[0].removeprefix("rope_factors_")] = [float(x) for x in _dequantize(t)]
+            continue
+        if pieces[t.name] is None:
             if t.name.startswith("rope_freqs"):
                 continue
-            raise LmforgeError(f"unexpected tensor '{t.name}' in {path}")
-        heads = cfg.n_heads if ".q_proj." in name else cfg.n_kv_heads if ".k_proj." in name else None
-        if blocks and tied and name == "model.embed_tokens.weight" and _keeps_blocks(t, "lm_head.weight"):
-            state["lm_head.weight"] = _block_weight(t, path, None)
-        if blocks and _keeps_blocks(t, name):
-            state[name] = _block_weight(t, path, heads if permute else None)
+            raise LmforgeError(f"unexpected tensor '{t.name}' in {path} ({arch})")
+        if blocks and tied and t.name == "token_embd.weight" and _keeps_blocks(t, "lm_head.weight"):
+            state["lm_head.weight"] = _block_weight(t, t.data, path)
+        if blocks and _keeps_blocks(t, pieces[t.name][0][0]):
+            for name, rows in maps.split_rows(t.data, pieces[t.name]).items():  # blocks never span rows
+                state[name] = _block_weight(t, _from_llama_cpp(rows, name, arch, cfg), path)
             continue
         with np.errstate(all="ignore"):  # garbage blocks overflow; the check below names the tensor
             w = _dequantize(t).reshape([int(x) for x in reversed(t.shape)])
         if not np.isfinite(w).all():
             raise LmforgeError(f"{path}: tensor '{t.name}' holds non-finite values (corrupt data?)")
-        if permute and heads is not None:
-            w = unpermute_qk(w, heads)
-        state[name] = torch.from_numpy(np.array(w, dtype=np.float32, copy=True)).to(dtype)
+        for name, part in maps.split_rows(w, pieces[t.name]).items():
+            part = _from_llama_cpp(part, name, arch, cfg)
+            state[name] = torch.from_numpy(np.array(part, dtype=np.float32, copy=True)).to(dtype)
     cfg.tie_embeddings = tied
-    expected = 2 + 9 * cfg.n_layers + (0 if cfg.tie_embeddings else 1)
-    if cfg.attention_bias:
-        expected += 3 * cfg.n_layers
-    if cfg.qk_norm:
-        expected += 2 * cfg.n_layers
-    got = len(state) - (1 if tied and "lm_head.weight" in state else 0)
-    if got < expected:
-        raise LmforgeError(f"{path} holds {got} of the {expected} tensors a {cfg.n_layers}-layer model needs (truncated?)")
+    cfg.rope_scaling = _longrope(meta, arch, factors) or cfg.rope_scaling
     return cfg, state, meta
+
+
+def _from_llama_cpp(w: np.ndarray, name: str, arch: str, cfg: Config) -> np.ndarray:
+    """Undo llama.cpp's conventions for one HF-named weight (values or rows of blocks): its q/k
+    row order (blocks never span rows) and Gemma's (1 + w) norms."""
+    if arch in maps.PERMUTED and ".self_attn.q_proj." in name:
+        return unpermute_qk(w, cfg.n_heads)
+    if arch in maps.PERMUTED and ".self_attn.k_proj." in name:
+        return unpermute_qk(w, cfg.n_kv_heads)
+    if maps.shifts_norm(arch, name):
+        return w - 1.0
+    return w
+
+
+def _check_complete(path: Path, names: list[str], n_layers: int) -> None:
+    """Every layer holds the tensors layer 0 does, and the embedding and final norm are there:
+    else the file lost some (a missing one is named)."""
+    layers: dict[int, set[str]] = {}
+    for n in names:
+        parts = n.split(".")
+        if parts[0] == "blk" and parts[1].isdigit():
+            layers.setdefault(int(parts[1]), set()).add(".".join(parts[2:]))
+    want = {f"blk.{i}.{k}" for i in range(n_layers) for k in layers.get(0, ())} | {"token_embd.weight", "output_norm.weight"}
+    missing = sorted(want - set(names))
+    if missing or not layers:
+        raise LmforgeError(f"{path} lacks tensor '{missing[0] if missing else 'blk.0.*'}' of a {n_layers}-layer model (truncated?)")
 
 
 def _dequantize(t: GGUFTensor) -> np.ndarray:
@@ -325,10 +376,7 @@ class BlockWeight:
     in_features: int
 
 
-def _block_weight(t: GGUFTensor, path: Path, heads: int | None) -> BlockWeight:
+def _block_weight(t: GGUFTensor, rows: np.ndarray, path: Path) -> BlockWeight:
     if not _blocks_finite(t):
         raise LmforgeError(f"{path}: tensor '{t.name}' holds non-finite values (corrupt data?)")
-    rows = t.data
-    if heads is not None:  # llama.cpp's q/k row order back to HF's; blocks never span rows
-        rows = unpermute_qk(rows, heads)
     return BlockWeight(torch.from_numpy(np.ascontiguousarray(rows)), int(t.tensor_type), int(t.shape[0]))

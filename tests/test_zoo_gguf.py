@@ -1,0 +1,252 @@
+"""GGUF in and out for the zoo's families (issue 18), in llama.cpp's own layout: tiny random
+models of each family (tests/test_zoo_families.py's builders) written as GGUF, read back by
+lmforge with equal logits, run by llama.cpp (slow) with lmforge's greedy tokens, and holding
+the keys and tensors llama.cpp's converter (convert_hf_to_gguf.py) writes for the family."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_export_gguf import LLAMA_SCRIPT, TEMPLATE, llama_python  # noqa: E402
+from test_zoo_families import _ours_from, gemma2, gemma3, olmo2, phi3, qwen3_moe, smollm3  # noqa: E402
+from test_zoo_families import gpt2 as gpt2_model  # noqa: E402
+
+import lmforge  # noqa: E402
+from lmforge.export.gguf import unsupported_reason, write_gguf  # noqa: E402
+
+VOCAB = 320  # the tokenizer's: a GGUF carries its tokenizer, so the model's vocabulary holds it
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    """A byte-level BPE of 320 tokens trained here, splitting digits first as SmolLM's does
+    (llama.cpp's pre-tokenizer "smollm")."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer as HFT, decoders, models, pre_tokenizers, trainers
+
+    from lmforge.tokenizer import Tokenizer
+
+    text = (Path(__file__).parent / "data" / "heldout_prose.txt").read_text().split("\n")
+    bk = HFT(models.BPE())
+    bk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    bk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bk.train_from_iterator(text, trainer)
+    return Tokenizer(bk, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=TEMPLATE)
+
+
+def widened(ref, n: int = VOCAB):
+    """The family's tiny model with `n` embeddings (new rows random, as large as the old)."""
+    old = ref.get_input_embeddings().weight.shape[0]
+    ref.resize_token_embeddings(n, mean_resizing=False)
+    g = torch.Generator().manual_seed(n)
+    with torch.no_grad():
+        for w in {id(m.weight): m.weight for m in (ref.get_input_embeddings(), ref.get_output_embeddings())}.values():
+            w[old:] = torch.randn(w[old:].shape, generator=g) * w[:old].std()
+    return ref.eval()
+
+
+# the families and llama.cpp's architecture for each; SmolLM3's NoPE layers as llama.cpp has
+# them (every 4th, fixed there)
+FAMILIES = {
+    "gemma2": (gemma2, "gemma2"),
+    "gemma3": (gemma3, "gemma3"),
+    "phi3": (phi3, "phi3"),
+    "olmo2": (olmo2, "olmo2"),
+    "gpt2": (gpt2_model, "gpt2"),
+    "smollm3": (lambda: smollm3(no_rope_layers=[1, 1, 1, 0]), "smollm3"),
+    "qwen3-moe": (qwen3_moe, "qwen3moe"),
+}
+# what llama.cpp's converter writes for each architecture (beside general.* and tokenizer.*),
+# and tensors that show its layout
+COMMON = ["context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count"]
+ROPE = ["attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base"]
+KEYS = {
+    "gemma2": COMMON + ROPE + ["attention.key_length", "attention.value_length", "attn_logit_softcapping",
+                               "final_logit_softcapping", "attention.sliding_window"],
+    "gemma3": COMMON + ROPE + ["attention.key_length", "attention.value_length", "attention.sliding_window",
+                               "rope.freq_base_swa", "rope.scaling.type", "rope.scaling.factor"],
+    "phi3": COMMON + ROPE + ["rope.dimension_count", "rope.scaling.original_context_length", "rope.scaling.attn_factor",
+                             "attention.sliding_window"],
+    "olmo2": COMMON + ROPE,
+    "gpt2": COMMON + ["attention.layer_norm_epsilon"],
+    "smollm3": COMMON + ROPE + ["vocab_size", "rope.dimension_count"],
+    "qwen3moe": COMMON + ROPE + ["attention.key_length", "attention.value_length", "expert_count", "expert_used_count",
+                                 "expert_feed_forward_length"],
+}
+TENSORS = {
+    "gemma2": ["blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight"],
+    "gemma3": ["blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight", "blk.0.attn_q_norm.weight"],
+    "phi3": ["blk.0.attn_qkv.weight", "blk.0.ffn_up.weight", "rope_factors_long.weight", "rope_factors_short.weight"],
+    "olmo2": ["blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight", "blk.0.attn_q_norm.weight", "output.weight"],
+    "gpt2": ["position_embd.weight", "blk.0.attn_qkv.weight", "blk.0.attn_qkv.bias", "blk.0.attn_output.bias",
+             "output_norm.bias", "blk.0.ffn_up.bias"],
+    "smollm3": ["blk.0.attn_q.weight", "blk.0.ffn_gate.weight"],
+    "qwen3moe": ["blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight"],
+}
+ABSENT = {"gemma2": ["output.weight"], "phi3": ["blk.0.attn_q.weight", "blk.0.ffn_gate.weight"], "gpt2": ["blk.0.attn_q.weight"],
+          "qwen3moe": ["blk.0.ffn_gate.weight"]}
+
+
+def f16_rounded(model):
+    """The model with its matrices rounded to f16 (what an f16 file holds; norms stay f32)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(p.half().float())
+    return model
+
+
+@pytest.fixture(scope="module")
+def written(tiny_tok, tmp_path_factory):
+    """family -> (lmforge model with f16-exact weights, its f16 GGUF), built once per family."""
+    cache = {}
+
+    def get(family: str, make=None):
+        if family not in cache:
+            ours = f16_rounded(_ours_from(widened((make or FAMILIES[family][0])())))
+            path = write_gguf(ours, tiny_tok, tmp_path_factory.mktemp(family) / f"{family}.gguf", "f16")
+            cache[family] = ours, path
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_round_trip_equal_logits(family, written):
+    """convert --to gguf and back through lmforge's reader: the same model (the family's
+    features come back from the keys and tensors), logits within 1e-4, past the window."""
+    ours, path = written(family)
+    back = lmforge.load(str(path), quant="none", device="cpu").model
+    for field in ("sandwich_norms", "post_norms", "qk_norm", "qk_norm_whole", "learned_positions", "norm_kind", "n_experts",
+                  "sliding_window", "layer_types", "rope_layers", "attn_logit_softcap", "final_logit_softcap", "rope_local_theta"):
+        assert getattr(back.cfg, field) == getattr(ours.cfg, field), field
+    ids = torch.randint(3, VOCAB, (2, 60 if family == "phi3" else 28), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (back(ids) - ours(ids)).abs().max().item() <= 1e-4
+        if family == "phi3":  # the short factors too (up to the original 48 positions)
+            assert (back(ids[:, :40]) - ours(ids[:, :40])).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_holds_llama_cpps_keys_and_tensors(family, written):
+    """The `<arch>.*` keys llama.cpp's converter writes for the family, its tensor names (fused,
+    stacked, sandwich norms), and its value conventions (Gemma's norms as 1 + w)."""
+    import gguf
+
+    ours, path = written(family)
+    arch = FAMILIES[family][1]
+    r = gguf.GGUFReader(str(path))
+    assert r.fields["general.architecture"].contents() == arch
+    missing = [k for k in KEYS[arch] if f"{arch}.{k}" not in r.fields]
+    assert not missing, missing
+    tensors = {t.name: t for t in r.tensors}
+    assert set(TENSORS[arch]) <= set(tensors), sorted(set(TENSORS[arch]) - set(tensors))
+    assert not set(ABSENT.get(arch, [])) & set(tensors)
+    values = lambda n: np.asarray(tensors[n].data, dtype=np.float32)  # noqa: E731
+    layer0 = ours.model.layers[0]
+    if arch in ("gemma2", "gemma3"):  # stored as llama.cpp multiplies: 1 + w
+        assert np.allclose(values("blk.0.attn_norm.weight"), 1 + layer0.input_layernorm.weight.detach().numpy())
+        assert np.allclose(values("output_norm.weight"), 1 + ours.model.norm.weight.detach().numpy())
+    if arch == "phi3":  # q|k|v rows in one tensor; gate|up in ffn_up
+        a = layer0.self_attn
+        want = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach().numpy()
+        assert np.array_equal(values("blk.0.attn_qkv.weight"), want)
+        assert values("blk.0.ffn_up.weight").shape == (2 * ours.cfg.d_ff, ours.cfg.d_model)
+        assert values("rope_factors_long.weight").tolist() == pytest.approx(ours.cfg.rope_scaling["long_factor"])
+    if arch == "qwen3moe":  # experts stacked: [n_experts, moe_d_ff, d_model] in torch order
+        assert values("blk.0.ffn_gate_exps.weight").shape == (4, 32, 64)
+        assert np.array_equal(values("blk.0.ffn_down_exps.weight")[1], layer0.mlp.experts[1].down_proj.weight.detach().numpy())
+    if arch == "gpt2":
+        assert values("position_embd.weight").shape == tuple(ours.model.embed_positions.weight.shape)
+
+
+def test_gemma_query_scale_is_folded_where_llama_cpp_cannot_say_it(written):
+    """llama.cpp scales Gemma's queries by 1/sqrt(head_dim) (27B: by its width per head), not
+    by query_pre_attn_scalar: a model whose scalar differs (here 24, head_dim 16) has the ratio
+    folded into its query weights, and reads back with llama.cpp's scale."""
+    import gguf
+
+    ours, path = written("gemma2")
+    assert ours.cfg.query_pre_attn_scalar == 24 and ours.cfg.head_dim == 16
+    q = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.0.attn_q.weight")
+    want = ours.model.layers[0].self_attn.q_proj.weight.detach().numpy() * (16 / 24) ** 0.5
+    assert np.allclose(np.asarray(q.data, dtype=np.float32), want, atol=1e-3)
+    assert lmforge.load(str(path), quant="none", device="cpu").model.cfg.query_pre_attn_scalar is None
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt2", "smollm3", "gemma3"])
+def test_quantized_blocks_of_fused_and_permuted_tensors(family, tiny_tok, tmp_path):
+    """A Q8_0 file run from its own blocks (fused q|k|v and gate|up split by rows, q/k rows put
+    back in HF's order, Gemma's norms) gives the logits of the same file dequantized."""
+    from lmforge import native
+
+    if native.library() is None:
+        pytest.skip("no native kernels here")
+    ours = _ours_from(widened(FAMILIES[family][0]()))
+    path = write_gguf(ours, tiny_tok, tmp_path / "m.gguf", "q8_0")
+    blocks = lmforge.load(str(path), quant="auto", device="cpu").model
+    dense = lmforge.load(str(path), quant="none", device="cpu").model
+    assert blocks.quant == "gguf"
+    ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = dense(ids)
+        assert (blocks(ids) - want).abs().max().item() <= 1e-3 * want.abs().max().item()
+        assert (want - ours(ids)).abs().max().item() <= 0.05 * want.abs().max().item()  # and near the source
+
+
+def test_only_what_remains_unsupported_is_refused_by_name(tmp_path, capsys):
+    from lmforge.families import describe
+    from lmforge.loading.hf import config_from_hf
+
+    for make, _ in FAMILIES.values():
+        cfg = config_from_hf(make().config.to_dict())
+        assert unsupported_reason(cfg) is None
+        assert describe(cfg)["lmforge"]["convert --to gguf"] == "yes"
+    mixtral = transformers.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    assert "Mixtral" in unsupported_reason(config_from_hf(mixtral.to_dict()))
+    every_2nd = config_from_hf(smollm3().config.to_dict())  # NoPE in every 2nd layer: llama.cpp has every 4th only
+    assert "every 4th" in unsupported_reason(every_2nd)
+
+
+# -- llama.cpp (slow; llama-cpp-python in another venv) ----------------------------------
+LLAMA_CASES = {  # Phi-3 without its window (llama.cpp's phi3 ignores windows) ...
+    **{f: FAMILIES[f][0] for f in FAMILIES if f != "phi3"},
+    "phi3": lambda: phi3(window=None),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", LLAMA_CASES)
+def test_llama_cpp_runs_our_gguf_with_our_greedy_tokens(family, written, tiny_tok):
+    """llama.cpp loads our file as its own architecture for the family and continues a prompt
+    with lmforge's greedy tokens on the same file."""
+    py = llama_python()
+    if py is None:
+        pytest.skip("llama-cpp-python is not installed (set LMFORGE_LLAMA_PYTHON to a Python that has it)")
+    ours, path = written(f"{family}-llama", LLAMA_CASES[family])
+    text = "The keeper's lamp burned at 9:15, and 48 ships came home. A map is a promise; bread is a lesson in patience."
+    ids = tiny_tok.encode(text)
+    # llama.cpp picks Phi-3's long factors by the context it is given (past the original 48
+    # positions here), lmforge by the sequence: a prompt past 48 tokens uses the long ones in both
+    ids = (ids * 3)[:52] if family == "phi3" else ids[:24]
+    res = subprocess.run([py, "-c", LLAMA_SCRIPT, str(path), json.dumps(ids), "12", "x"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    theirs = json.loads(res.stdout.strip().splitlines()[-1])["ids"]
+    back = lmforge.load(str(path), quant="none", device="cpu").model
+    mine, seq = [], list(ids)
+    with torch.no_grad():
+        for _ in range(len(theirs)):
+            seq.append(int(back(torch.tensor([seq]))[0, -1].argmax()))
+            mine.append(seq[-1])
+    assert len(theirs) >= 4 and theirs == mine
