@@ -271,6 +271,31 @@ def test_our_lora_adapter_loads_in_peft_with_equal_outputs(family, tmp_path):
     assert (mine - theirs).abs().max().item() <= 1e-4 * theirs.abs().max().item()
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if "moe" in f])
+def test_attention_lora_on_moe_families_loads_in_peft_with_equal_outputs(family, tmp_path):
+    """MoE families: PEFT cannot target transformers-5's fused expert tensors, so the adapter
+    that both sides can hold is on attention (and the router stays as it is)."""
+    peft = pytest.importorskip("peft")
+    from lmforge.finetune.lora import LoraSettings, apply_lora, lora_layers, save_adapter
+    from lmforge.loading import load_model
+
+    ref = FAMILIES[family]()
+    ref.save_pretrained(tmp_path / "base")
+    ours = load_model(str(tmp_path / "base"))[0]
+    apply_lora(ours, LoraSettings(r=4, alpha=8, targets=["attention"]))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in lora_layers(ours).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.2)
+    save_adapter(ours, tmp_path / "ad", base_model=str(tmp_path / "base"))
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        mine, base = ours(ids), ref(ids).logits
+        theirs = peft.PeftModel.from_pretrained(ref, str(tmp_path / "ad")).eval()(ids).logits
+    assert (mine - base).abs().max().item() > 1e-2
+    assert (mine - theirs).abs().max().item() <= 1e-4 * theirs.abs().max().item()
+
+
 @pytest.mark.parametrize("family,says", [("qwen3", "family:      Qwen3: grouped-query attention (4 query heads, 2 key/value heads); RMSNorm of each query and key head"),
                                          ("mistral-window-8", "sliding-window attention (8 positions, every layer)"),
                                          ("qwen2-mixed-windows", "sliding-window attention (6 positions, 2 of 3 layers); q/k/v biases"),
