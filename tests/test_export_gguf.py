@@ -175,6 +175,23 @@ print(json.dumps({"ids": out, "top5": top, "n_vocab": llm.n_vocab(), "tokenized"
 """
 
 
+def llama_and_lmforge_greedy(py: str, path, ids: list[int], n: int) -> tuple[list[int], list[int]]:
+    """Greedy continuations of `ids` on the GGUF at `path`: llama.cpp's (at most `n` tokens,
+    ending at its end-of-text) and lmforge's for as many tokens, recomputed from scratch."""
+    import lmforge
+
+    res = subprocess.run([py, "-c", LLAMA_SCRIPT, str(path), json.dumps(ids), str(n), "x"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    theirs = json.loads(res.stdout.strip().splitlines()[-1])["ids"]
+    back = lmforge.load(str(path), quant="none", device="cpu").model
+    mine, seq = [], list(ids)
+    with torch.no_grad():
+        for _ in range(len(theirs)):
+            seq.append(int(back(torch.tensor([seq]))[0, -1].argmax()))
+            mine.append(seq[-1])
+    return theirs, mine
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("gtype", ["f16", "q8_0", "q4_0"])
 def test_llama_cpp_runs_default_model_export(tmp_path, default_lm, gtype):

@@ -4,16 +4,13 @@ lmforge with equal logits, run by llama.cpp (slow) with lmforge's greedy tokens,
 the keys and tensors llama.cpp's converter (convert_hf_to_gguf.py) writes for the family."""
 from __future__ import annotations
 
-import json
-import subprocess
-
 import numpy as np
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_export_gguf import LLAMA_SCRIPT, TEMPLATE, llama_python  # noqa: E402
+from test_export_gguf import TEMPLATE, llama_and_lmforge_greedy, llama_python  # noqa: E402
 from test_zoo_families import _ours_from, gemma2, gemma3, olmo2, phi3, qwen3_moe, smollm3  # noqa: E402
 from test_zoo_families import gpt2 as gpt2_model  # noqa: E402
 
@@ -240,13 +237,5 @@ def test_llama_cpp_runs_our_gguf_with_our_greedy_tokens(family, written, tiny_to
     # llama.cpp picks Phi-3's long factors by the context it is given (past the original 48
     # positions here), lmforge by the sequence: a prompt past 48 tokens uses the long ones in both
     ids = (ids * 3)[:52] if family == "phi3" else ids[:24]
-    res = subprocess.run([py, "-c", LLAMA_SCRIPT, str(path), json.dumps(ids), "12", "x"], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    theirs = json.loads(res.stdout.strip().splitlines()[-1])["ids"]
-    back = lmforge.load(str(path), quant="none", device="cpu").model
-    mine, seq = [], list(ids)
-    with torch.no_grad():
-        for _ in range(len(theirs)):
-            seq.append(int(back(torch.tensor([seq]))[0, -1].argmax()))
-            mine.append(seq[-1])
+    theirs, mine = llama_and_lmforge_greedy(py, path, ids, 12)
     assert len(theirs) >= 4 and theirs == mine

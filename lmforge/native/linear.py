@@ -18,31 +18,29 @@ from lmforge import native
 from lmforge.errors import LmforgeError
 
 
-def dequantize(blocks: torch.Tensor, qtype: int, cols: int) -> torch.Tensor:
-    """fp32 [rows, cols] of quantized rows [rows, row_bytes]: the native kernels where they run
-    (equal to gguf's, tested), else gguf's reference dequantizer."""
+def dequantize(blocks: torch.Tensor, qtype: int, cols: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 [rows, cols] of quantized rows [rows, row_bytes] (into `out` when given): the native
+    kernels where they run (equal to gguf's, tested), else gguf's reference dequantizer."""
     if runs_natively(qtype):
-        out = torch.empty(blocks.shape[0], cols, dtype=torch.float32)
+        out = torch.empty(blocks.shape[0], cols, dtype=torch.float32) if out is None else out
         blocks = blocks.contiguous()
         rc = native.library().lmf_dequant(qtype, blocks.data_ptr(), blocks.shape[0], blocks.shape[1], cols, out.data_ptr(), torch.get_num_threads())
         if rc == 0:
             return out
-    return reference_dequantize(blocks, qtype, cols)
+    ref = reference_dequantize(blocks, qtype, cols)
+    return ref if out is None else out.copy_(ref)
 
 
 # From this many activation rows on, unpacking the blocks once into a scratch matrix and running
 # PyTorch's sgemm beats the kernels, which unpack each group once per 16 rows (measured on 2
 # cores: kernels 1.4x faster at 32 rows, sgemm 1.6x faster at 128 and 3x at 512: prompt prefill).
 DENSE_FROM_ROWS = 64
+SCRATCH_FLOATS = 1 << 22  # 16 MiB per thread: every layer of a small model at once, an output head in slices
 _scratch = threading.local()
 
 
-SCRATCH_FLOATS = 1 << 22  # 16 MiB per thread: every layer of a small model at once, an output head in slices
-
-
-def _dense_matmul(blocks: torch.Tensor, qtype: int, cols: int, x: torch.Tensor) -> torch.Tensor | None:
-    """x @ W^T through a per-thread scratch copy of W (slices of rows at a time), dequantized
-    natively; None if the kernels refuse the type."""
+def _dense_matmul(blocks: torch.Tensor, qtype: int, cols: int, x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T through a per-thread scratch copy of W (`dequantize`d a slice of rows at a time)."""
     rows = blocks.shape[0]
     step = max(1, min(rows, SCRATCH_FLOATS // cols))
     buf = getattr(_scratch, "buf", None)
@@ -53,9 +51,7 @@ def _dense_matmul(blocks: torch.Tensor, qtype: int, cols: int, x: torch.Tensor) 
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
         w = buf[: n * cols].view(n, cols)
-        part = blocks[r0 : r0 + n]
-        if native.library().lmf_dequant(qtype, part.data_ptr(), n, blocks.shape[1], cols, w.data_ptr(), torch.get_num_threads()):
-            return None
+        dequantize(blocks[r0 : r0 + n], qtype, cols, out=w)
         if y is None:
             return F.linear(x, w)
         y[:, r0 : r0 + n] = F.linear(x, w)
@@ -118,11 +114,8 @@ class BlockLinear(nn.Module):
     def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
         """[M, in] fp32 -> [M, out] fp32."""
         if self.blocks.device.type == "cpu" and runs_natively(self.qtype):
-            y = None
-            if x.shape[0] >= DENSE_FROM_ROWS:
-                y = _dense_matmul(self.blocks, self.qtype, self.in_features, x)
-            if y is None:
-                y = matmul(self.blocks, self.qtype, self.in_features, x)
+            dense = x.shape[0] >= DENSE_FROM_ROWS
+            y = (_dense_matmul if dense else matmul)(self.blocks, self.qtype, self.in_features, x)
         else:  # no kernels here, or the layer was moved to a GPU: its dequantized weight, once
             if self._dense is None or self._dense.device != self.blocks.device:
                 self._dense = dequantize(self.blocks.cpu(), self.qtype, self.in_features).to(self.blocks.device)

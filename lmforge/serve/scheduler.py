@@ -356,8 +356,9 @@ class Scheduler:
                 k += 1
             return k
 
-        best = max(self.free, key=lambda sl: (shared(sl), -self.slot_used[sl]))
-        keep = shared(best)
+        # longest shared prefix, then least recently used, then the lowest slot (the free list's order)
+        keep, _, best = max((shared(sl), -self.slot_used[sl], -sl) for sl in self.free)
+        best = -best
         rest = sorted((sl for sl in self.free if sl != best), key=lambda sl: self.slot_used[sl])[: n - 1]
         slots = [best] + rest
         for sl in slots:
