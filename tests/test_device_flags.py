@@ -154,11 +154,11 @@ COMMANDS = ["generate", "chat", "serve", "eval", "inspect-logit-lens", "inspect-
 @pytest.fixture
 def cli_env(monkeypatch):
     """stdin for chat, and serve that builds its app but does not listen."""
-    import uvicorn
+    import lmforge.cli.commands.serve as serve
 
     served = []
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append(app))
+    monkeypatch.setattr(serve, "serve_on_threads", lambda app, server: served.append(app))
     return served
 
 
