@@ -274,3 +274,36 @@ def test_many_rows_run_through_a_dense_scratch_with_the_kernels_numbers(rows_out
         y = layer(x)
         assert torch.allclose(y, x @ ref.T, atol=1e-4, rtol=1e-4), m
         assert torch.allclose(y, L.matmul(blocks, 2, 256, x), atol=1e-4, rtol=1e-4), m
+
+
+@needs_native
+def test_a_lone_server_row_runs_the_native_step_with_the_batched_tokens(tiny_ggufs, monkeypatch):
+    """The server's scheduler moves a single decoding row to the fast decoder's native step and
+    back into the batch when others join; greedy replies equal each request run alone."""
+    import asyncio
+
+    import lmforge
+    from lmforge.engine import SamplingParams, generate_tokens
+    from lmforge.serve.scheduler import GenRequest, Scheduler
+
+    lm = lmforge.load(str(tiny_ggufs["qwen2", "q4_0"]), quant="auto", device="cpu")
+    s = Scheduler(lm.model, lm.tokenizer, slots=2, ctx=128)
+    prompts = [lm.tokenizer.encode(t) for t in ("Once upon a time", "The weather today is", "Numbers: 1 2 3")]
+    budgets = [80, 6, 9]
+
+    async def main():
+        first = s.submit(GenRequest(prompts[0], SamplingParams(max_new_tokens=budgets[0])))
+        await asyncio.sleep(0.05)  # the first decodes alone for a while, then two more join
+        rest = [s.submit(GenRequest(p, SamplingParams(max_new_tokens=k))) for p, k in zip(prompts[1:], budgets[1:])]
+        return [[ev.token async for ev in h.events() if ev.token is not None] for h in [first, *rest]]
+
+    try:
+        got = asyncio.run(asyncio.wait_for(main(), 60))
+        assert s.lone is not None and s.lone.fast.native_step() is not None
+        assert 0 < s.stats.lone_steps < s.stats.steps
+    finally:
+        s.stop()
+    monkeypatch.setenv("LMFORGE_FAST", "0")  # the reference: the general model forward, one request at a time
+    for p, k, ids in zip(prompts, budgets, got):
+        ref = [t for _, t in generate_tokens(lm.model, [p], SamplingParams(max_new_tokens=k), stop_ids=lm.tokenizer.stop_ids())]
+        assert ids == ref

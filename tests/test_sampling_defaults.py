@@ -82,3 +82,28 @@ def test_server_takes_the_models_recommendation(top1_model):
 
         assert complete(seed=1) == complete(temperature=0)  # temperature 1.0 by default, but top_k 1 from the file
         assert complete(seed=1, top_k=0, min_p=0.0, top_p=1.0, temperature=1.5) != complete(temperature=0)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_k_top_p_min_p_draws_follow_transformers_warpers(ties):
+    """sample_next draws among the top-k candidates only (the server samples every row every
+    step); the draws must follow the distribution transformers' warpers leave over the whole vocabulary."""
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 500, generator=g) * 2
+    if ties:  # tokens tied with the k-th: both keep them all
+        kth = logits.topk(8).values[0, -1]
+        logits[0, logits[0] < kth] = torch.where(torch.rand(int((logits[0] < kth).sum()), generator=g) < 0.01, kth, -5.0)
+    top_p = 1.0 if ties else 0.9  # (which of several tied tokens top-p cuts is either library's choice)
+    p = SamplingParams(temperature=0.8, top_k=8, top_p=top_p, min_p=0.05)
+    ref = logits.clone()
+    for w in (TemperatureLogitsWarper(0.8), TopKLogitsWarper(8), TopPLogitsWarper(top_p), MinPLogitsWarper(0.05)):
+        ref = w(None, ref)
+    want = ref.softmax(-1)[0]
+    n = 40000
+    draws = sample_next(logits.expand(n, -1).contiguous(), p, g)
+    got = torch.bincount(draws, minlength=500).float() / n
+    assert set(draws.unique().tolist()) <= set(torch.nonzero(want).flatten().tolist())
+    assert (got - want).abs().max() < 0.012, (got - want).abs().max()

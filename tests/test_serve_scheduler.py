@@ -75,6 +75,8 @@ def test_batched_greedy_equals_engine(sched, tiny, tok):
         assert text == tok.decode(ref)
         assert finish == ("length" if len(ref) == k else "stop")
     assert sched.stats.steps > 0 and sched.stats.rows / sched.stats.steps > 1.5  # rows really were batched
+    # and the last row left alone moved to the fast decoder (lmforge.serve.lone), its tokens unchanged
+    assert 0 < sched.stats.lone_steps < sched.stats.steps
     assert sorted(sched.free) == [0, 1, 2]
 
 
@@ -191,5 +193,7 @@ def test_a_prompt_that_continues_a_slot_prefills_only_the_rest(tiny, tok):
         (again,) = run(s, [GenRequest(other, SamplingParams(**greedy))])
         assert again[0][0] == engine_tokens(tiny, tok, other, SamplingParams(**greedy))
         assert s.stats.prefix_tokens - before == len(other) - 1
+        # every request ran alone, so on the fast decoder: its keys/values came back to the slot
+        assert s.stats.lone_steps == s.stats.steps > 0
     finally:
         s.stop()

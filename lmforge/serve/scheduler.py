@@ -33,6 +33,7 @@ import torch
 from lmforge.engine import TextStream
 from lmforge.sampling import Row, SamplingParams, sample_next
 from lmforge.serve import json_mode
+from lmforge.serve.lone import lone_decoder_for
 
 log = logging.getLogger("lmforge.serve")
 
@@ -164,6 +165,7 @@ class SchedulerStats:
     tokens: int = 0
     requests: int = 0
     prefix_tokens: int = 0  # prompt tokens whose keys/values a slot already held (not recomputed)
+    lone_steps: int = 0  # decode steps of a single row run by the fast decoder (lmforge.serve.lone)
 
 
 class Scheduler:
@@ -181,6 +183,7 @@ class Scheduler:
         self.stop_ids = _stop_ids(model, tokenizer)
         self.image_token = getattr(model, "image_token_id", None)
         self.cache = None  # allocated when the thread starts
+        self.lone = None  # the fast decoder a single decoding row moves to (lmforge.serve.lone), built then too
         self.free = list(range(slots))
         # the tokens whose keys/values each slot holds (its cache length), kept after a request
         # ends: a new prompt that starts the same way (the conversation so far, a shared system
@@ -266,6 +269,7 @@ class Scheduler:
     def _run(self) -> None:
         if self.cache is None:
             self.cache = self.model.new_cache(self.slots, self.ctx)
+            self.lone = lone_decoder_for(self.model, self.ctx)
         while True:
             with self._cond:
                 while not self._stop and not self.waiting and not self.active and not self.prefilling:
@@ -445,11 +449,20 @@ class Scheduler:
             self._sample_safe(s, logits)
 
     def _decode_step(self, seqs: list[_Seq]) -> None:
-        tokens = torch.tensor([[s.pending] for s in seqs], device=self.device)
-        rows = torch.tensor([s.slot for s in seqs], device=self.device)
         for s in seqs:
             self.slot_tokens[s.slot].append(s.pending)
-        logits = self.model(tokens, cache=self.cache, rows=rows)[:, -1].float()
+        if self.lone is not None and len(seqs) == 1:
+            if self.lone.slot != seqs[0].slot:
+                self.lone.leave(self.cache)
+                self.lone.enter(self.cache, seqs[0].slot)
+            logits = self.lone.step(seqs[0].pending)[None]
+            self.stats.lone_steps += 1
+        else:
+            if self.lone is not None:
+                self.lone.leave(self.cache)
+            tokens = torch.tensor([[s.pending] for s in seqs], device=self.device)
+            rows = torch.tensor([s.slot for s in seqs], device=self.device)
+            logits = self.model(tokens, cache=self.cache, rows=rows)[:, -1].float()
         self.stats.steps += 1
         self.stats.rows += len(seqs)
         for j, s in enumerate(seqs):
@@ -465,8 +478,7 @@ class Scheduler:
             log.exception("sampling failed")
             if not s.done:
                 s.done = True
-                self.free.append(s.slot)
-                self.free.sort()
+                self._free_slot(s)
                 s.handle.push(Event(s.index, finish="error", error=f"sampling failed: {type(e).__name__}: {e}",
                                     completion_tokens=s.generated))
 
@@ -578,13 +590,20 @@ class Scheduler:
             return
         s.done = True
         tail = s.stream.flush() if reason in ("stop", "length") else ""
+        self._free_slot(s)
+        s.handle.push(Event(s.index, text=tail, finish=reason, completion_tokens=s.generated))
+
+    def _free_slot(self, s: _Seq) -> None:
+        if self.lone is not None and self.lone.slot == s.slot:
+            self.lone.leave(self.cache)  # the slot keeps the row's keys/values for a next turn
         self.free.append(s.slot)
         self.free.sort()
-        s.handle.push(Event(s.index, text=tail, finish=reason, completion_tokens=s.generated))
 
     def _fail_all(self, msg: str, finish: str = "error") -> None:
         self.slot_tokens = [[] for _ in range(self.slots)]  # a failed forward leaves no cache to trust
         self.slot_clean = [None] * self.slots
+        if self.lone is not None:
+            self.lone.drop()
         if self.cache is not None:
             self.cache.reset()
         for s in self.active:
