@@ -18,12 +18,9 @@ from lmforge.fast.decode import FastDecoder, fast_decoder_for, interleave_order
 def lone_decoder_for(model, ctx: int) -> "LoneRow | None":
     """A LoneRow for `model` on a CPU with room for `ctx` tokens; None when the fast decoder
     cannot run it (a vision model, a GPU: the batched path serves those)."""
-    try:
-        if next(model.parameters()).device.type != "cpu":
-            return None
-        base = fast_decoder_for(model)
-    except (AttributeError, TypeError, StopIteration):
+    if next(model.parameters()).device.type != "cpu":
         return None
+    base = fast_decoder_for(model)  # None for what it cannot run (`unsupported_reason`)
     if base is None:
         return None
     # its own cache, the shared decoder's fused weights (another caller of the model, such as
