@@ -48,8 +48,8 @@ class LM:
     def config(self):
         return self.model.cfg
 
-    def encode_chat(self, messages: list[dict], tools=None) -> list[int]:
-        return render_prompt(self.tokenizer, messages, tools=tools)
+    def encode_chat(self, messages: list[dict], tools=None, template_kwargs: dict | None = None) -> list[int]:
+        return render_prompt(self.tokenizer, messages, tools=tools, template_kwargs=template_kwargs)
 
     def generate(self, prompt: str | list[str], stream: bool = False, **kw):
         """Complete raw text (no chat template). A list of prompts is decoded as one batch.
@@ -67,21 +67,24 @@ class LM:
         out = [r["text"] for r in generate_text(self.model, self.tokenizer, ids, params)]
         return out[0] if isinstance(prompt, str) else out
 
-    def chat(self, messages: list[dict] | str, stream: bool = False, tools=None, **kw) -> str | Iterator[str]:
+    def chat(self, messages: list[dict] | str, stream: bool = False, tools=None, template_kwargs: dict | None = None,
+             **kw) -> str | Iterator[str]:
         """Reply to OpenAI-style messages (`[{"role": "user", "content": ...}]`).
 
         `tools`: OpenAI tool schemas (listed in the prompt; the reply may hold tool-call text), or
         names / `lmforge.tools.Tool` objects, which are executed in a loop and the final answer
         returned (see `chat_with_tools` for the whole exchange).
+        `template_kwargs`: extra variables for the model's chat template (`{"enable_thinking": False}`
+        for Qwen3), as `transformers.apply_chat_template` takes them.
         """
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         if tools and (isinstance(tools, str) or not isinstance(next(iter(tools)), dict)):
             if stream:
                 raise LmforgeError("stream=True with executed tools is not supported; use chat_with_tools(on_text=...)")
-            return self.chat_with_tools(messages, tools, **kw)[-1]["content"]
+            return self.chat_with_tools(messages, tools, template_kwargs=template_kwargs, **kw)[-1]["content"]
         seen = self.encode_images(messages) if not tools else None
-        ids, images = seen if seen is not None else (self.encode_chat(messages, tools=tools), None)
+        ids, images = seen if seen is not None else (self.encode_chat(messages, tools, template_kwargs), None)
         params = sampling_params(self.model, **kw)
         stops = self.stop_ids()
         if stream:
@@ -110,7 +113,8 @@ class LM:
 
         return reply_stop_ids(self.tokenizer)
 
-    def chat_with_tools(self, messages: list[dict], tools, max_steps: int = 5, on_text=None, on_message=None, **kw) -> list[dict]:
+    def chat_with_tools(self, messages: list[dict], tools, max_steps: int = 5, on_text=None, on_message=None,
+                        template_kwargs: dict | None = None, **kw) -> list[dict]:
         """Let the model call tools (names like "calculator,python,search" or Tool objects) until it
         answers; returns the new messages (assistant turns with `tool_calls`, tool results, answer)."""
         from lmforge.tools import get_tools, run_tool_loop
@@ -123,7 +127,7 @@ class LM:
         params.stop = list(params.stop) + [s for s in STOP_STRINGS if s not in params.stop]
 
         def generate_fn(msgs: list[dict]) -> str:
-            ids = self.encode_chat(msgs, tools=schemas)
+            ids = self.encode_chat(msgs, tools=schemas, template_kwargs=template_kwargs)
             pieces = []
             for _, piece in stream_text(self.model, self.tokenizer, [ids], params):
                 pieces.append(piece)

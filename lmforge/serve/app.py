@@ -515,7 +515,7 @@ def _prepare_chat(body: ChatCompletionRequest, tokenizer, sched: Scheduler, cfg:
             p = sched.model.render_chat(tokenizer, messages)
             ids, pixels = p.ids, (p.pixel_values, p.pixel_attention_mask)
         else:
-            ids = render_prompt(tokenizer, messages, tools=tools)
+            ids = render_prompt(tokenizer, messages, tools=tools, template_kwargs=body.chat_template_kwargs)
     except LmforgeError as e:
         raise APIError(400, " ".join(str(e).split()), param="messages", code="invalid_image" if images else None) from None
     if forced:

@@ -220,6 +220,8 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool | None = None
+    # (vLLM's and llama-server's field) extra variables for the model's chat template: Qwen3's enable_thinking
+    chat_template_kwargs: dict[_text(64), Union[bool, _int(), float, _text(1024), None]] | None = Field(default=None, max_length=16)
 
 
 class CompletionRequest(_Sampling):
