@@ -92,7 +92,8 @@ class Config:
 
     @property
     def rope_kind(self) -> str | None:
-        """The RoPE scaling scheme ("linear", "llama3", "longrope"; None for plain RoPE)."""
+        """The RoPE scaling scheme ("linear", "llama3", "longrope", "freq_factors" (a GGUF's
+        per-frequency divisors when they fit no HF scheme); None for plain RoPE)."""
         sc = self.rope_scaling or {}
         kind = sc.get("rope_type", sc.get("type"))
         return None if kind == "default" else kind
@@ -147,6 +148,8 @@ def rope_inv_freq(cfg: Config, long: bool = False) -> torch.Tensor:
     if kind == "longrope":  # Phi-3: one rescaling factor per frequency
         ext = torch.tensor(sc["long_factor"] if long else sc["short_factor"], dtype=torch.float32)
         return 1.0 / (ext * cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if kind == "freq_factors":  # llama.cpp's rope_freqs tensor: each frequency's divisor, as stored
+        return inv_freq / torch.tensor(sc["factors"], dtype=torch.float32)
     if kind == "llama3":
         factor = sc["factor"]
         low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
@@ -161,7 +164,7 @@ def rope_inv_freq(cfg: Config, long: bool = False) -> torch.Tensor:
     elif kind == "linear":
         inv_freq = inv_freq / sc["factor"]
     elif kind is not None:
-        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3, longrope)")
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3, longrope, freq_factors)")
     return inv_freq
 
 

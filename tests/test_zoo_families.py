@@ -46,6 +46,16 @@ def mistral(window: int = 8, vocab: int = 256, **kw):
     return sharpen(transformers.MistralForCausalLM(cfg).eval())
 
 
+def llama31(vocab: int = 256, **kw):
+    """Llama 3.1's "llama3" RoPE: long wavelengths slowed 8x, short ones kept, a blend between
+    (three of the 16 frequencies here, with an original context of 128)."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128}
+    cfg = transformers.LlamaConfig(vocab_size=vocab, head_dim=32, rope_parameters=rope, **{**SIZES, **kw})
+    torch.manual_seed(5)
+    return sharpen(transformers.LlamaForCausalLM(cfg).eval())
+
+
 def qwen3(vocab: int = 256, **kw):
     """Qwen3: RMSNorm of every query and key head before RoPE, head_dim apart from the width."""
     cfg = transformers.Qwen3Config(vocab_size=vocab, head_dim=32, tie_word_embeddings=True, **{**SIZES, **kw})
@@ -126,7 +136,7 @@ def gpt2():
     return sharpen(randomize_norms(transformers.GPT2LMHeadModel(cfg).eval()))
 
 
-FAMILIES = {"mistral-window-8": mistral, "qwen2-mixed-windows": qwen2_mixed_windows, "qwen3": qwen3, "qwen3-moe": qwen3_moe,
+FAMILIES = {"llama3.1": llama31, "mistral-window-8": mistral, "qwen2-mixed-windows": qwen2_mixed_windows, "qwen3": qwen3, "qwen3-moe": qwen3_moe,
             "gemma2": gemma2, "gemma3": gemma3, "phi3": phi3, "olmo2": olmo2, "smollm3": smollm3, "gpt2": gpt2}
 DENSE = [f for f in FAMILIES if "moe" not in f]  # PEFT cannot target transformers-5's fused expert weights
 # with the default tokenizer's vocabulary, for GGUF files (a GGUF carries its tokenizer)

@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from test_export_gguf import TEMPLATE, llama_and_lmforge_greedy, llama_python  # noqa: E402
-from test_zoo_families import _ours_from, gemma2, gemma3, olmo2, phi3, qwen3_moe, smollm3  # noqa: E402
+from test_zoo_families import _ours_from, gemma2, gemma3, llama31, olmo2, phi3, qwen3_moe, smollm3  # noqa: E402
 from test_zoo_families import gpt2 as gpt2_model  # noqa: E402
 
 import lmforge  # noqa: E402
@@ -55,6 +55,7 @@ def widened(ref, n: int = VOCAB):
 # the families and llama.cpp's architecture for each; SmolLM3's NoPE layers as llama.cpp has
 # them (every 4th, fixed there)
 FAMILIES = {
+    "llama3.1": (llama31, "llama"),
     "gemma2": (gemma2, "gemma2"),
     "gemma3": (gemma3, "gemma3"),
     "phi3": (phi3, "phi3"),
@@ -68,6 +69,7 @@ FAMILIES = {
 COMMON = ["context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count"]
 ROPE = ["attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base"]
 KEYS = {
+    "llama": COMMON + ROPE,
     "gemma2": COMMON + ROPE + ["attention.key_length", "attention.value_length", "attn_logit_softcapping",
                                "final_logit_softcapping", "attention.sliding_window"],
     "gemma3": COMMON + ROPE + ["attention.key_length", "attention.value_length", "attention.sliding_window",
@@ -81,6 +83,7 @@ KEYS = {
                                  "expert_feed_forward_length"],
 }
 TENSORS = {
+    "llama": ["rope_freqs.weight"],
     "gemma2": ["blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight"],
     "gemma3": ["blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight", "blk.0.attn_q_norm.weight"],
     "phi3": ["blk.0.attn_qkv.weight", "blk.0.ffn_up.weight", "rope_factors_long.weight", "rope_factors_short.weight"],
@@ -165,6 +168,51 @@ def test_gguf_holds_llama_cpps_keys_and_tensors(family, written):
         assert np.array_equal(values("blk.0.ffn_down_exps.weight")[1], layer0.mlp.experts[1].down_proj.weight.detach().numpy())
     if arch == "gpt2":
         assert values("position_embd.weight").shape == tuple(ours.model.embed_positions.weight.shape)
+    if arch == "llama":  # each frequency's divisor, from transformers' own llama3 frequencies
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        ref = FAMILIES[family][0]().config
+        scaled = ROPE_INIT_FUNCTIONS["llama3"](ref, "cpu")[0]
+        plain = 1.0 / 10000.0 ** (torch.arange(0, 32, 2).float() / 32)
+        assert np.allclose(values("rope_freqs.weight"), (plain / scaled).numpy(), rtol=1e-6)
+
+
+def test_llama31_rope_freqs_read_back_as_the_llama3_scheme(written, tmp_path):
+    """llama.cpp's converter keeps Llama 3.1's RoPE only as the rope_freqs tensor: the reader
+    recovers the llama3 parameters from it, so the model converts on to an HF folder that
+    transformers runs with equal logits."""
+    from lmforge.loading import save_hf
+
+    ours, path = written("llama3.1")
+    back = lmforge.load(str(path), quant="none", device="cpu").model
+    assert back.cfg.rope_scaling == ours.cfg.rope_scaling
+    save_hf(back, None, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-4
+
+
+def test_rope_freqs_that_fit_no_hf_scheme_still_run_and_refuse_hf_export(tmp_path):
+    """Divisors no HF scheme makes run as they are ("freq_factors"), write back to GGUF, and
+    an HF export says in one line why it cannot hold them."""
+    import dataclasses
+
+    from lmforge.errors import LmforgeError
+    from lmforge.loading import gguf_maps, save_hf
+    from lmforge.loading.hf import config_from_hf
+
+    cfg = config_from_hf(llama31().config.to_dict())
+    odd = [1.0, 3.0, 1.5, 2.0] * 4
+    sc = gguf_maps.rope_scaling_from_freqs(odd, cfg)
+    assert sc == {"rope_type": "freq_factors", "factors": odd}
+    assert np.allclose(gguf_maps.rope_freq_factors(dataclasses.replace(cfg, rope_scaling=sc)), odd)
+    assert gguf_maps.rope_scaling_from_freqs([1.0] * 16, cfg) is None
+    assert gguf_maps.rope_scaling_from_freqs([4.0] * 16, cfg) == {"rope_type": "linear", "factor": 4.0}
+    ours = _ours_from(llama31())
+    ours.cfg.rope_scaling = sc
+    with pytest.raises(LmforgeError, match="rope_freqs"):
+        save_hf(ours, None, tmp_path)
 
 
 def test_gemma_query_scale_is_folded_where_llama_cpp_cannot_say_it(written):

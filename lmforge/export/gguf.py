@@ -126,8 +126,10 @@ def unsupported_reason(cfg) -> str | None:
         return "GGUF export: q/k norms with q/k/v biases match no llama.cpp architecture"
     if cfg.activation != ("gelu_tanh" if arch in maps.GEMMA + ("gpt2",) else "silu"):
         return f"GGUF export: llama.cpp's {arch} has no '{cfg.activation}' MLP"
-    if cfg.rope_kind not in ((None, "longrope") if arch == "phi3" else (None, "linear")):
-        return f"GGUF export: rope scaling '{cfg.rope_kind}' is not supported for {arch} (linear only; LongRoPE in Phi-3)"
+    kinds = {"phi3": (None, "longrope"), "llama": (None, "linear", "llama3", "freq_factors")}.get(arch, (None, "linear"))
+    if cfg.rope_kind not in kinds:
+        return (f"GGUF export: rope scaling '{cfg.rope_kind}' is not supported for {arch} "
+                "(linear; llama3 in Llama; LongRoPE in Phi-3)")
     if cfg.layer_types is not None and arch not in maps.GEMMA:
         return "GGUF export: per-layer attention windows (layer_types) are supported for Gemma only"
     check = {"gemma2": _gemma_reason, "gemma3": _gemma_reason, "phi3": _phi3_reason, "olmo2": _olmo2_reason,
@@ -261,6 +263,8 @@ def _gguf_tensors(cfg, state: dict, arch: str) -> dict[str, np.ndarray]:
     for name, parts in groups.items():
         pieces = maps.hf_pieces(name, arch, cfg)
         out[name] = maps.join_pieces([parts[hf] for hf, _ in pieces], pieces)
+    if cfg.rope_kind in ("llama3", "freq_factors"):  # llama.cpp divides each frequency by its factor
+        out["rope_freqs.weight"] = maps.rope_freq_factors(cfg)
     if cfg.rope_kind == "longrope":
         for which in ("long", "short"):
             out[f"rope_factors_{which}.weight"] = np.asarray(cfg.rope_scaling[f"{which}_factor"], dtype=np.float32)

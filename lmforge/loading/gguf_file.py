@@ -304,12 +304,10 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, blocks: bool
     _check_complete(path, [t.name for t in tensors], cfg.n_layers)
     state, factors = {}, {}
     for t in tensors:
-        if t.name.startswith("rope_factors_"):  # Phi-3's LongRoPE factors: configuration, not weights
+        if t.name.startswith(("rope_factors_", "rope_freqs")):  # RoPE's factors: configuration, not weights
             factors[t.name.split(".")[0].removeprefix("rope_factors_")] = [float(x) for x in _dequantize(t)]
             continue
         if pieces[t.name] is None:
-            if t.name.startswith("rope_freqs"):
-                continue
             raise LmforgeError(f"unexpected tensor '{t.name}' in {path} ({arch})")
         if blocks and tied and t.name == "token_embd.weight" and _keeps_blocks(t, "lm_head.weight"):
             state["lm_head.weight"] = _block_weight(t, t.data, path)
@@ -326,6 +324,8 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, blocks: bool
             state[name] = torch.from_numpy(np.array(part, dtype=np.float32, copy=True)).to(dtype)
     cfg.tie_embeddings = tied
     cfg.rope_scaling = _longrope(meta, arch, factors) or cfg.rope_scaling
+    if "rope_freqs" in factors:  # Llama 3.1's scaled frequencies
+        cfg.rope_scaling = maps.rope_scaling_from_freqs(factors["rope_freqs"], cfg)
     return cfg, state, meta
 
 

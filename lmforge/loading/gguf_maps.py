@@ -167,3 +167,41 @@ def attention_scale_fold(cfg: Config, arch: str) -> float:
 def llama_cpp_query_scalar(n_layers: int, d_model: int, n_heads: int, head_dim: int, arch: str) -> float:
     big = {"gemma2": 46, "gemma3": 62}[arch]  # the 27B models' depth
     return d_model / n_heads if n_layers == big else float(head_dim)
+
+
+def rope_freq_factors(cfg: Config) -> np.ndarray:
+    """llama.cpp's `rope_freqs` tensor for a config: each frequency's divisor (base / scaled)."""
+    import dataclasses
+
+    from lmforge.model import rope_inv_freq
+
+    plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
+    return (plain / rope_inv_freq(cfg)).numpy().astype(np.float32)
+
+
+def rope_scaling_from_freqs(factors, cfg: Config) -> dict | None:
+    """A `rope_freqs` tensor (llama.cpp's converter writes one for Llama 3.1's "llama3" RoPE) as
+    the HF scheme that gives the same divisors: none, "linear", or "llama3" fitted from the
+    frequencies between its two bands; the divisors themselves ("freq_factors") when none fits."""
+    import dataclasses
+
+    f = np.asarray(factors, dtype=np.float64)
+    big = float(f.max())
+    if np.allclose(f, 1.0, rtol=0, atol=1e-6):
+        return None
+    if np.allclose(f, big, rtol=1e-6, atol=0):
+        return {"rope_type": "linear", "factor": big}
+    generic = {"rope_type": "freq_factors", "factors": [float(x) for x in f]}
+    wavelen = 2 * np.pi * cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
+    medium = (f > 1 + 1e-6) & (f < big * (1 - 1e-6))
+    if medium.sum() < 2:
+        return generic
+    # llama3 blends scaled and unscaled frequencies by smooth = (old / wavelen - low) / (high - low),
+    # a line in 1 / wavelen; only ratios to the original context count, so low is taken as 1 (as
+    # Llama 3.1 and 3.2 have it) and the line gives high and the original context
+    smooth = (1 / f[medium] - 1 / big) / (1 - 1 / big)
+    slope, icept = np.polyfit(1 / wavelen[medium], smooth, 1)
+    fit = {"rope_type": "llama3", "factor": big, "low_freq_factor": 1.0, "high_freq_factor": round(1 - 1 / float(icept), 6),
+           "original_max_position_embeddings": int(round(-slope / icept))}
+    ok = np.allclose(rope_freq_factors(dataclasses.replace(cfg, rope_scaling=fit)), f, rtol=1e-5, atol=0)
+    return fit if ok else generic

@@ -243,6 +243,9 @@ def _gemma_to_hf(cfg: Config) -> dict:
 
 def config_to_hf(cfg: Config) -> dict:
     """A config.json `transformers` loads as LlamaForCausalLM (dense) or Mixtral (MoE)."""
+    if cfg.rope_kind == "freq_factors":
+        raise LmforgeError("an HF config cannot hold this GGUF's RoPE frequency factors (rope_freqs): "
+                           "they fit neither the llama3 nor the linear scheme")
     hf = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
