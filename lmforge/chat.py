@@ -210,7 +210,14 @@ def render_parts(tokenizer, messages: list[dict], add_generation_prompt: bool = 
 
 
 def encode_parts(tokenizer, parts: list[tuple[str, bool]]) -> tuple[list[int], list[tuple[int, int]]]:
-    """(ids, character offsets into the joined text) of `render_parts` pieces."""
+    """(ids, character offsets into the joined text) of `render_parts` pieces: the joined text at
+    once, as transformers and llama.cpp encode a conversation (a piece's tokens can depend on its
+    neighbours: SentencePiece's "▁" before a word, merges across a boundary), unless a piece
+    that is only text holds a special token's string; then piece by piece."""
+    specials = [t for t in getattr(tokenizer, "special_tokens", []) if t]
+    if getattr(tokenizer, "allow_special_in_content", False) or not any(
+            t in text for text, from_template in parts if not from_template for t in specials):
+        return tokenizer.encode_with_offsets("".join(text for text, _ in parts))
     ids, offsets, at = [], [], 0
     for text, from_template in parts:
         i, o = tokenizer.encode_with_offsets(text) if from_template else tokenizer.encode_text(text)

@@ -49,6 +49,23 @@ def byte_level_pre_tokenizer(pre: str | None):
     )
 
 
+def _gpt2_backend(meta: dict) -> HFTokenizer:
+    """A byte-level BPE from a GGUF's tokens, merges and pre-tokenizer name."""
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+    backend.decoder = decoders.ByteLevel()
+    # CONTROL (3) tokens are special; USER_DEFINED (4) are matched whole but not special.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
+    if user:
+        backend.add_tokens(user)
+    return backend
+
+
 def unicode_problem(text: str) -> str | None:
     """What makes `text` not valid Unicode (a lone surrogate, U+D800..U+DFFF: JSON's "\\ud800",
     or undecodable bytes in argv kept by Python as U+DC80..U+DCFF), or None when it is valid.
@@ -229,22 +246,18 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_fields(cls, meta: dict) -> "Tokenizer":
-        """Build from GGUF tokenizer metadata (`tokenizer.ggml.*`); byte-level BPE ("gpt2") only."""
+        """Build from GGUF tokenizer metadata (`tokenizer.ggml.*`): byte-level BPE ("gpt2") or
+        SentencePiece ("llama": Llama 2, Mistral, Gemma, Phi-3)."""
         model = meta.get("tokenizer.ggml.model")
-        if model != "gpt2":
-            raise LmforgeError(f"unsupported GGUF tokenizer model '{model}' (supported: gpt2 byte-level BPE)")
+        if model == "llama":
+            from lmforge.tokenizer_spm import spm_backend
+
+            backend = spm_backend(meta)
+        elif model == "gpt2":
+            backend = _gpt2_backend(meta)
+        else:
+            raise LmforgeError(f"unsupported GGUF tokenizer model '{model}' (supported: gpt2 byte-level BPE, llama SentencePiece)")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
-        types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-        vocab = {t: i for i, t in enumerate(tokens)}
-        backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-        backend.pre_tokenizer = byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
-        backend.decoder = decoders.ByteLevel()
-        # CONTROL (3) tokens are special; USER_DEFINED (4) are matched whole but not special.
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
-        user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
-        if user:
-            backend.add_tokens(user)
 
         def name(key):
             i = meta.get(key)
@@ -256,7 +269,8 @@ class Tokenizer:
             eos_token=name("tokenizer.ggml.eos_token_id"),
             pad_token=name("tokenizer.ggml.padding_token_id"),
             chat_template=meta.get("tokenizer.chat_template"),
-            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            # llama.cpp starts SentencePiece text with BOS unless the file says otherwise
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama")),
         )
 
     @classmethod

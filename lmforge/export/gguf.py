@@ -9,7 +9,9 @@
 - Tokenizer: byte-level BPE as `tokenizer.ggml.model = gpt2` with tokens, merges, token types
   (control for special tokens), the pre-tokenizer name llama.cpp knows (`smollm`, `gpt2`,
   `llama-bpe`, `qwen2`, found from the tokenizer's own pre-tokenizer), special ids and the
-  chat template.
+  chat template; a SentencePiece-style BPE (byte fallback, "▁" for spaces: Llama 2, Mistral,
+  Gemma, Phi-3) as `tokenizer.ggml.model = llama` with scores and the space prefix
+  (lmforge/tokenizer_spm.py).
 - Types: `f16` (2-D weights f16), `q8_0` (2-D weights Q8_0), `q4_0` (2-D weights Q4_0, the token
   embedding Q8_0 as llama.cpp keeps the embedding/output at higher precision). Norms stay
   F32; a weight whose rows are not a multiple of 32 falls back to F16.
@@ -68,11 +70,15 @@ def pre_tokenizer_name(tok_json: dict) -> str:
 
 
 def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
-    """tokens, token types, merges and the pre-tokenizer name for a byte-level BPE tokenizer."""
+    """The `tokenizer.ggml.*` fields: tokens, token types, and merges and the pre-tokenizer name
+    (byte-level BPE, "gpt2") or scores and the space prefix (SentencePiece-style BPE, "llama")."""
+    from lmforge import tokenizer_spm as spm
+
     tj = json.loads(tokenizer.backend.to_str())
     model = tj.get("model", {})
-    if model.get("type") != "BPE" or tj.get("decoder", {}).get("type") != "ByteLevel":
-        raise LmforgeError("GGUF export supports byte-level BPE tokenizers only (GPT-2 style)")
+    sentencepiece = spm.is_spm(tj)
+    if not sentencepiece and (model.get("type") != "BPE" or tj.get("decoder", {}).get("type") != "ByteLevel"):
+        raise LmforgeError("GGUF export supports byte-level BPE (GPT-2 style) and SentencePiece-style BPE tokenizers only")
     vocab: dict[str, int] = dict(model["vocab"])
     types: dict[int, int] = {}
     for t in tj.get("added_tokens", []):
@@ -89,10 +95,18 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
         if tokens[i] is None:  # unused embedding rows, named as llama.cpp's converter does
             tokens[i] = f"[PAD{i}]"
             token_types.append(5)  # UNUSED
+        elif sentencepiece and re.fullmatch("<0x[0-9A-F]{2}>", tokens[i]) and i not in types:
+            token_types.append(spm.BYTE)
         else:
             token_types.append(types.get(i, 1))  # NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {"tokens": tokens, "token_types": token_types, "merges": merges, "pre": pre_tokenizer_name(tj)}
+    if sentencepiece:
+        unk = model.get("unk_token")
+        if unk in vocab:
+            token_types[vocab[unk]] = spm.UNKNOWN
+        return {"model": "llama", "tokens": tokens, "token_types": token_types, "scores": spm.spm_scores(tokens, merges, token_types),
+                "space_prefix": spm.adds_space_prefix(tj), "unk": vocab.get(unk) if unk else None}
+    return {"model": "gpt2", "tokens": tokens, "token_types": token_types, "merges": merges, "pre": pre_tokenizer_name(tj)}
 
 
 # -- writer -------------------------------------------------------------------------------
@@ -280,6 +294,20 @@ def _model_name(name: str, tokens: list[str]) -> str:
     return name
 
 
+def _write_vocabulary(w, tf: dict) -> None:
+    w.add_tokenizer_model(tf["model"])
+    w.add_token_list(tf["tokens"])
+    w.add_token_types(tf["token_types"])
+    if tf["model"] == "llama":
+        w.add_token_scores(tf["scores"])
+        w.add_add_space_prefix(tf["space_prefix"])
+        if tf["unk"] is not None:
+            w.add_unk_token_id(int(tf["unk"]))
+    else:
+        w.add_tokenizer_pre(tf["pre"])
+        w.add_token_merges(tf["merges"])
+
+
 def write_gguf(model, tokenizer, path, gguf_type: str = "f16") -> Path:
     """Write `model` (an lmforge Transformer) with `tokenizer` to `path` as GGUF."""
     import gguf
@@ -305,11 +333,7 @@ def write_gguf(model, tokenizer, path, gguf_type: str = "f16") -> Path:
     w.add_file_type(ftype[gguf_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(tf["pre"])
-    w.add_token_list(tf["tokens"])
-    w.add_token_types(tf["token_types"])
-    w.add_token_merges(tf["merges"])
+    _write_vocabulary(w, tf)
     for setter, tid in ((w.add_bos_token_id, tokenizer.bos_id), (w.add_eos_token_id, tokenizer.eos_id), (w.add_pad_token_id, tokenizer.pad_id)):
         if tid is not None:
             setter(int(tid))
