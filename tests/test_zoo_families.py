@@ -81,6 +81,23 @@ def qwen3_moe():
     return sharpen(randomize_norms(transformers.Qwen3MoeForCausalLM(cfg).eval()))
 
 
+def mixtral():
+    """Mixtral: LLaMA attention, routed experts (softmax, top-2, renormalized)."""
+    cfg = transformers.MixtralConfig(vocab_size=256, head_dim=16, num_local_experts=4, num_experts_per_tok=2, **SIZES)
+    torch.manual_seed(6)
+    return sharpen(transformers.MixtralForCausalLM(cfg).eval())
+
+
+def qwen2_moe():
+    """Qwen2-MoE (Qwen1.5-MoE): q/k/v biases, routed experts whose top-k weights stay as they are,
+    and a shared expert behind a sigmoid gate."""
+    cfg = transformers.Qwen2MoeConfig(vocab_size=256, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                      shared_expert_intermediate_size=96, norm_topk_prob=False, decoder_sparse_step=1,
+                                      mlp_only_layers=[], **SIZES)
+    torch.manual_seed(7)
+    return sharpen(randomize_norms(transformers.Qwen2MoeForCausalLM(cfg).eval()))
+
+
 def gemma2():
     """Gemma 2: GeGLU, (1 + w) norms before and after attention and MLP, scaled embeddings,
     soft-capped scores (low caps, so they bite) and logits, local/global layers, its own scale."""

@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from test_export_gguf import TEMPLATE, llama_and_lmforge_greedy, llama_python  # noqa: E402
-from test_zoo_families import _ours_from, gemma2, gemma3, llama31, olmo2, phi3, qwen3_moe, smollm3  # noqa: E402
+from test_zoo_families import _ours_from, gemma2, gemma3, llama31, mixtral, olmo2, phi3, qwen2_moe, qwen3_moe, smollm3  # noqa: E402
 from test_zoo_families import gpt2 as gpt2_model  # noqa: E402
 
 import lmforge  # noqa: E402
@@ -63,6 +63,8 @@ FAMILIES = {
     "gpt2": (gpt2_model, "gpt2"),
     "smollm3": (lambda: smollm3(no_rope_layers=[1, 1, 1, 0]), "smollm3"),
     "qwen3-moe": (qwen3_moe, "qwen3moe"),
+    "mixtral": (mixtral, "llama"),
+    "qwen2-moe": (qwen2_moe, "qwen2moe"),
 }
 # what llama.cpp's converter writes for each architecture (beside general.* and tokenizer.*),
 # and tensors that show its layout
@@ -70,6 +72,7 @@ COMMON = ["context_length", "embedding_length", "block_count", "feed_forward_len
 ROPE = ["attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base"]
 KEYS = {
     "llama": COMMON + ROPE,
+    "mixtral": COMMON + ROPE + ["expert_count", "expert_used_count"],
     "gemma2": COMMON + ROPE + ["attention.key_length", "attention.value_length", "attn_logit_softcapping",
                                "final_logit_softcapping", "attention.sliding_window"],
     "gemma3": COMMON + ROPE + ["attention.key_length", "attention.value_length", "attention.sliding_window",
@@ -81,9 +84,12 @@ KEYS = {
     "smollm3": COMMON + ROPE + ["vocab_size", "rope.dimension_count"],
     "qwen3moe": COMMON + ROPE + ["attention.key_length", "attention.value_length", "expert_count", "expert_used_count",
                                  "expert_feed_forward_length"],
+    "qwen2moe": COMMON + ROPE + ["expert_count", "expert_used_count", "expert_feed_forward_length",
+                                 "expert_shared_feed_forward_length"],
 }
 TENSORS = {
     "llama": ["rope_freqs.weight"],
+    "mixtral": ["blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight"],
     "gemma2": ["blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight"],
     "gemma3": ["blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight", "blk.0.attn_q_norm.weight"],
     "phi3": ["blk.0.attn_qkv.weight", "blk.0.ffn_up.weight", "rope_factors_long.weight", "rope_factors_short.weight"],
@@ -92,9 +98,11 @@ TENSORS = {
              "output_norm.bias", "blk.0.ffn_up.bias"],
     "smollm3": ["blk.0.attn_q.weight", "blk.0.ffn_gate.weight"],
     "qwen3moe": ["blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight"],
+    "qwen2moe": ["blk.0.ffn_gate_inp.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_gate_inp_shexp.weight",
+                 "blk.0.ffn_gate_shexp.weight", "blk.0.ffn_up_shexp.weight", "blk.0.ffn_down_shexp.weight", "blk.0.attn_q.bias"],
 }
 ABSENT = {"gemma2": ["output.weight"], "phi3": ["blk.0.attn_q.weight", "blk.0.ffn_gate.weight"], "gpt2": ["blk.0.attn_q.weight"],
-          "qwen3moe": ["blk.0.ffn_gate.weight"]}
+          "qwen3moe": ["blk.0.ffn_gate.weight"], "qwen2moe": ["blk.0.ffn_gate.weight"]}
 
 
 def f16_rounded(model):
@@ -147,10 +155,11 @@ def test_gguf_holds_llama_cpps_keys_and_tensors(family, written):
     arch = FAMILIES[family][1]
     r = gguf.GGUFReader(str(path))
     assert r.fields["general.architecture"].contents() == arch
-    missing = [k for k in KEYS[arch] if f"{arch}.{k}" not in r.fields]
+    missing = [k for k in KEYS.get(family, KEYS[arch]) if f"{arch}.{k}" not in r.fields]
     assert not missing, missing
     tensors = {t.name: t for t in r.tensors}
-    assert set(TENSORS[arch]) <= set(tensors), sorted(set(TENSORS[arch]) - set(tensors))
+    want = TENSORS.get(family, TENSORS[arch])  # (by family where two share an architecture)
+    assert set(want) <= set(tensors), sorted(set(want) - set(tensors))
     assert not set(ABSENT.get(arch, [])) & set(tensors)
     values = lambda n: np.asarray(tensors[n].data, dtype=np.float32)  # noqa: E731
     layer0 = ours.model.layers[0]
@@ -168,7 +177,7 @@ def test_gguf_holds_llama_cpps_keys_and_tensors(family, written):
         assert np.array_equal(values("blk.0.ffn_down_exps.weight")[1], layer0.mlp.experts[1].down_proj.weight.detach().numpy())
     if arch == "gpt2":
         assert values("position_embd.weight").shape == tuple(ours.model.embed_positions.weight.shape)
-    if arch == "llama":  # each frequency's divisor, from transformers' own llama3 frequencies
+    if family == "llama3.1":  # each frequency's divisor, from transformers' own llama3 frequencies
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         ref = FAMILIES[family][0]().config
@@ -229,7 +238,7 @@ def test_gemma_query_scale_is_folded_where_llama_cpp_cannot_say_it(written):
     assert lmforge.load(str(path), quant="none", device="cpu").model.cfg.query_pre_attn_scalar is None
 
 
-@pytest.mark.parametrize("family", ["phi3", "gpt2", "smollm3", "gemma3"])
+@pytest.mark.parametrize("family", ["phi3", "gpt2", "smollm3", "gemma3", "qwen2-moe"])
 def test_quantized_blocks_of_fused_and_permuted_tensors(family, tiny_tok, tmp_path):
     """A Q8_0 file run from its own blocks (fused q|k|v and gate|up split by rows, q/k rows put
     back in HF's order, Gemma's norms) gives the logits of the same file dequantized."""
@@ -257,9 +266,9 @@ def test_only_what_remains_unsupported_is_refused_by_name(tmp_path, capsys):
         cfg = config_from_hf(make().config.to_dict())
         assert unsupported_reason(cfg) is None
         assert describe(cfg)["lmforge"]["convert --to gguf"] == "yes"
-    mixtral = transformers.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
-    assert "Mixtral" in unsupported_reason(config_from_hf(mixtral.to_dict()))
+    renormalizing = config_from_hf(qwen2_moe().config.to_dict())  # llama.cpp's qwen2moe never renormalizes
+    renormalizing.moe_norm_topk_prob = True
+    assert "norm_topk_prob" in unsupported_reason(renormalizing)
     every_2nd = config_from_hf(smollm3().config.to_dict())  # NoPE in every 2nd layer: llama.cpp has every 4th only
     assert "every 4th" in unsupported_reason(every_2nd)
 

@@ -116,7 +116,7 @@ def _tensor_type(name: str, arr: np.ndarray, gguf_type: str):
     Q = gguf.GGMLQuantizationType
     if arr.ndim == 1 or name.endswith("_norm.weight") or name.endswith(".bias"):
         return Q.F32
-    if ".ffn_gate_inp." in name or name.startswith("position_embd."):  # kept F32, as llama.cpp's converter does
+    if ".ffn_gate_inp" in name or name.startswith("position_embd."):  # kept F32, as llama.cpp's converter does
         return Q.F32
     if arr.shape[-1] % 32:
         return Q.F16
@@ -132,8 +132,6 @@ def unsupported_reason(cfg) -> str | None:
     `lmforge info` says. Each family is checked against what llama.cpp's architecture for it
     computes, so that a file it writes runs there as it runs here."""
     arch = maps.arch_of(cfg)
-    if arch in ("mixtral", "qwen2moe"):
-        return f"GGUF export: {'Mixtral' if arch == 'mixtral' else 'Qwen2-MoE'}-style mixtures of experts are not supported yet (Qwen3-MoE is)"
     if (cfg.mlp_bias or cfg.attn_out_bias) and arch != "gpt2":
         return "GGUF export: MLP or attention-output biases outside GPT-2 match no llama.cpp architecture"
     if cfg.qk_norm and cfg.attention_bias:
@@ -147,7 +145,8 @@ def unsupported_reason(cfg) -> str | None:
     if cfg.layer_types is not None and arch not in maps.GEMMA:
         return "GGUF export: per-layer attention windows (layer_types) are supported for Gemma only"
     check = {"gemma2": _gemma_reason, "gemma3": _gemma_reason, "phi3": _phi3_reason, "olmo2": _olmo2_reason,
-             "gpt2": _gpt2_reason, "smollm3": _smollm3_reason, "qwen3moe": _qwen3moe_reason}.get(arch)
+             "gpt2": _gpt2_reason, "smollm3": _smollm3_reason, "qwen3moe": _qwen3moe_reason, "qwen2moe": _qwen2moe_reason,
+             "llama": _mixtral_reason if cfg.is_moe else None}.get(arch)
     return check(cfg, arch) if check else None
 
 
@@ -200,6 +199,19 @@ def _qwen3moe_reason(cfg, arch) -> str | None:
     return None
 
 
+def _qwen2moe_reason(cfg, arch) -> str | None:
+    if cfg.n_shared_experts != 1 or cfg.moe_norm_topk_prob or not cfg.attention_bias or cfg.sliding_window:
+        return ("GGUF export: llama.cpp's qwen2moe has q/k/v biases and one shared expert, keeps the top-k router weights "
+                "as they are (norm_topk_prob false) and has no window")
+    return None
+
+
+def _mixtral_reason(cfg, arch) -> str | None:
+    if not cfg.moe_norm_topk_prob or cfg.sliding_window:
+        return "GGUF export: Mixtral in llama.cpp (llama with experts) renormalizes the top-k router weights and has no window"
+    return None
+
+
 def _write_hparams(w, cfg, arch: str) -> None:
     """The `<arch>.*` keys llama.cpp's converter writes for this family (and llama.cpp reads)."""
     import gguf
@@ -235,6 +247,8 @@ def _write_hparams(w, cfg, arch: str) -> None:
         w.add_expert_count(cfg.n_experts)
         w.add_expert_used_count(cfg.n_experts_per_token)
         w.add_expert_feed_forward_length(cfg.moe_d_ff or cfg.d_ff)
+    if cfg.n_shared_experts:
+        w.add_expert_shared_feed_forward_length(cfg.d_ff * cfg.n_shared_experts)
 
 
 def _write_gemma(w, cfg, arch: str) -> None:

@@ -198,7 +198,7 @@ def config_from_gguf(meta: dict, path: Path | str = "") -> Config:
         rope_scaling=rope_scaling,
         max_seq_len=int(a("context_length", 2048)),
         tie_embeddings=False,  # decided from the tensors present
-        attention_bias=arch == "qwen2",
+        attention_bias=arch in ("qwen2", "qwen2moe"),
         qk_norm=arch in ("qwen3", "qwen3moe", "gemma3", "olmo2"),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
@@ -242,9 +242,12 @@ def _family_fields(arch: str, a, kw: dict) -> dict:
     if arch == "gpt2":
         return dict(n_kv_heads=kw["n_heads"], head_dim=kw["d_model"] // kw["n_heads"], norm_kind="layer", learned_positions=True,
                     gated_mlp=False, attention_bias=True, mlp_bias=True, attn_out_bias=True, activation="gelu_tanh")
-    if arch == "qwen3moe":
-        return dict(n_experts=int(a("expert_count")), n_experts_per_token=int(a("expert_used_count")),
-                    moe_d_ff=int(a("expert_feed_forward_length") or kw["d_ff"]), moe_norm_topk_prob=True)
+    if arch in ("qwen3moe", "qwen2moe") or a("expert_count"):  # (llama with experts: Mixtral)
+        moe = dict(n_experts=int(a("expert_count")), n_experts_per_token=int(a("expert_used_count")),
+                   moe_d_ff=int(a("expert_feed_forward_length") or kw["d_ff"]), moe_norm_topk_prob=arch != "qwen2moe")
+        if arch == "qwen2moe":  # llama.cpp keeps Qwen2-MoE's top-k weights as they are; one shared expert
+            moe.update(n_shared_experts=1, d_ff=int(a("expert_shared_feed_forward_length") or kw["d_ff"]))
+        return moe
     return {}
 
 
@@ -338,6 +341,8 @@ def _from_llama_cpp(w: np.ndarray, name: str, arch: str, cfg: Config) -> np.ndar
         return unpermute_qk(w, cfg.n_kv_heads)
     if maps.shifts_norm(arch, name):
         return w - 1.0
+    if name.endswith("mlp.shared_expert_gate.weight") and w.ndim == 1:  # a converter may store it as a vector
+        return w[None]
     return w
 
 

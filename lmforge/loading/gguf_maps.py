@@ -7,7 +7,8 @@ llama.cpp's own converter (convert_hf_to_gguf.py) uses:
 - `gemma2`, `gemma3`: every norm weight is stored as (1 + w), the scale llama.cpp multiplies by.
 - `phi3`: q|k|v fused in `attn_qkv`, gate|up fused in `ffn_up`; `gpt2`: q|k|v (and their biases)
   fused in `attn_qkv`.
-- `qwen3moe`: the experts of a layer stacked into one 3-D tensor per projection.
+- `qwen3moe`, `qwen2moe`, and `llama` with experts (Mixtral): the experts of a layer stacked into
+  one 3-D tensor per projection; Qwen2-MoE's shared expert and its gate as `*_shexp`.
 - Gemma's and OLMo 2's sandwich norms have names of their own (`post_attention_norm`,
   `post_ffw_norm`; Gemma's norm before the MLP is `ffn_norm`).
 
@@ -20,7 +21,7 @@ import numpy as np
 from lmforge.errors import LmforgeError
 from lmforge.model import Config
 
-ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt2", "smollm3", "qwen3moe")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt2", "smollm3", "qwen3moe", "qwen2moe")
 PERMUTED = ("llama", "smollm3")  # llama.cpp's "normal" RoPE: adjacent pairs, not halves
 GEMMA = ("gemma2", "gemma3")
 # the layers llama.cpp's sliding-window pattern makes local when the file names none
@@ -42,6 +43,10 @@ _LAYER = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
     "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
 # Gemma 2/3 and OLMo 2: HF's post_attention_layernorm norms the attention's output there
 _SANDWICH = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
@@ -66,8 +71,8 @@ def arch_of(cfg: Config) -> str:
         return "phi3"
     if cfg.rope_layers is not None:
         return "smollm3"
-    if cfg.is_moe:
-        return "qwen3moe" if cfg.qk_norm else "mixtral" if not cfg.n_shared_experts else "qwen2moe"
+    if cfg.is_moe:  # Mixtral is llama.cpp's llama with experts
+        return "qwen3moe" if cfg.qk_norm else "qwen2moe" if cfg.n_shared_experts or cfg.attention_bias else "llama"
     return "qwen3" if cfg.qk_norm else "qwen2" if cfg.attention_bias else "llama"
 
 
