@@ -48,7 +48,7 @@ def _check_pulled(path: Path):
 def test_pull_with_huggingface_hub(hub, monkeypatch):
     from lmforge.pull import pull
 
-    def snapshot_download(model_id, revision, local_dir, allow_patterns):
+    def snapshot_download(model_id, revision, local_dir, allow_patterns, token=None):
         src = hub.parent.parent / model_id
         for f in src.rglob("*"):
             rel = f.relative_to(src).as_posix()
@@ -62,9 +62,10 @@ def test_pull_with_huggingface_hub(hub, monkeypatch):
 
 
 def test_pull_without_huggingface_hub(hub, monkeypatch):
+    import lmforge.hub as hub_mod
     import lmforge.pull as pull_mod
 
-    def download(url: str, dest: Path):
+    def download(url: str, dest: Path, auth=None, progress=True):
         rel = url.split(f"/{MODEL_ID}/resolve/main/", 1)[1]
         src = hub / rel
         if not src.is_file():
@@ -72,5 +73,5 @@ def test_pull_without_huggingface_hub(hub, monkeypatch):
         shutil.copy(src, dest)
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails: the plain-HTTP path
-    monkeypatch.setattr(pull_mod, "_download", download)
+    monkeypatch.setattr(hub_mod, "download", download)
     _check_pulled(pull_mod.pull(MODEL_ID))
