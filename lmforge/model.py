@@ -220,13 +220,14 @@ class KVCache:
         self.max_len = max_len
         self.batch_size = batch_size
 
-    def copy_rows(self, src: list[int], dst: list[int]) -> None:
-        """Row dst[i] becomes a copy of row src[i] (a shared prompt prefilled once)."""
+    def copy_rows(self, src: list[int], dst: list[int], upto: int | None = None) -> None:
+        """Row dst[i] becomes a copy of row src[i] (a shared prompt prefilled once); `upto`: only
+        its first positions (what the source holds), not the whole buffer."""
         s = torch.as_tensor(src, device=self.lengths.device)
         d = torch.as_tensor(dst, device=self.lengths.device)
         for k, v in zip(self.k, self.v):
-            k[d] = k[s]
-            v[d] = v[s]
+            k[d, :, :upto] = k[s, :, :upto]
+            v[d, :, :upto] = v[s, :, :upto]
         self.lengths[d] = self.lengths[s]
 
     def reset(self, rows=None) -> None:

@@ -81,6 +81,9 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
+        # per row of the batch, 1 where the update applies (a server batch mixing requests with and
+        # without the adapter: `set_adapter_rows`); None: every row
+        self.row_gate: torch.Tensor | None = None
         self.reset_lora()
 
     def reset_lora(self) -> None:
@@ -95,7 +98,10 @@ class LoRALinear(nn.Module):
         a = self.lora_A.weight
         # under autocast the matmuls run in the autocast dtype; otherwise the adapter's fp32
         h = self.lora_dropout(x if _autocast_on(x.device.type) else x.to(a.dtype))
-        return y + (self.lora_B(self.lora_A(h)) * self.scaling).to(y.dtype)
+        delta = self.lora_B(self.lora_A(h)) * self.scaling
+        if self.row_gate is not None:
+            delta = delta * self.row_gate.to(delta.device, delta.dtype).view(-1, *([1] * (delta.dim() - 1)))
+        return y + delta.to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """B @ A * scaling, the change the adapter makes to the base weight (fp32)."""
@@ -227,7 +233,16 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every adapter off (the base model's outputs) or on again."""
     for m in lora_layers(model).values():
-        m.disabled = not enabled
+        m.disabled, m.row_gate = not enabled, None
+
+
+def set_adapter_rows(model: nn.Module, rows: list[bool]) -> None:
+    """Adapters on for the rows of the next forward marked True and off for the others (all on,
+    all off, or a gate per row when a batch mixes both)."""
+    mixed = any(rows) and not all(rows)
+    gate = torch.tensor(rows, dtype=torch.float32) if mixed else None
+    for m in lora_layers(model).values():
+        m.disabled, m.row_gate = not any(rows), gate
 
 
 def merge_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

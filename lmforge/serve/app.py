@@ -539,6 +539,7 @@ def _prepare_chat(body: ChatCompletionRequest, tokenizer, sched: Scheduler, cfg:
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         logit_bias=_logit_bias(body, sched.vocab), json_prefix=forced[len(_call_open()):] if forced else "",
         json_keys=json_keys, pixel_values=pixels[0] if pixels else None, pixel_attention_mask=pixels[1] if pixels else None,
+        adapter=tools is not None,  # the default model calls tools with lmforge's shipped adapter only
     )
     return ChatPrep(req, tools=tools is not None, forced=forced, logprobs=body.logprobs, system2=s2,
                     messages=messages if s2 is not None else None)

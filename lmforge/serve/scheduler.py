@@ -68,6 +68,7 @@ class GenRequest:
     json_keys: tuple | None = None  # json_mode.key_constraint: allowed keys at one depth (tool arguments)
     pixel_values: torch.Tensor | None = None  # a VLM prompt's images ([1, N, 3, H, W]); its <image> tokens take them
     pixel_attention_mask: torch.Tensor | None = None
+    adapter: bool = False  # with the default model's tool adapter (a request with tools: lmforge.tools.shipped)
 
 
 @dataclass
@@ -193,6 +194,10 @@ class Scheduler:
         # how many of a slot's kept tokens may be reused: those before its first image token (the
         # keys/values after it depend on the pixels, which two prompts with equal ids need not share)
         self.slot_clean: list[int | None] = [None] * slots
+        # whether each slot's keys/values were computed with the tool adapter (a prefix is kept only
+        # for a request that runs the same way); the adapter is attached at the first request for it
+        self.slot_adapter = [False] * slots
+        self.tool_adapter = bool(getattr(model, "tool_adapter", False))
         self._admissions = 0
         self.waiting: collections.deque[Handle] = collections.deque()
         self.active: list[_Seq] = []
@@ -321,7 +326,11 @@ class Scheduler:
                     return  # first come, first served: a large n waits rather than being overtaken
                 h = self.waiting.popleft()
             req = h.req
-            slots, reused = self._take_slots(req.prompt, req.n, self._first_image(req))
+            if req.adapter and not self.tool_adapter:
+                from lmforge.tools.shipped import attach_tool_adapter
+
+                self.tool_adapter = attach_tool_adapter(self.model)  # after the lone decoder: it stays the file's
+            slots, reused = self._take_slots(req.prompt, req.n, self._first_image(req), self._adapter(req))
             group = []
             for i, slot in enumerate(slots):
                 seed = (req.params.seed + i) % (1 << 63) if req.params.seed is not None else random.getrandbits(62)
@@ -345,7 +354,18 @@ class Scheduler:
             return None
         return req.prompt.index(self.image_token)
 
-    def _take_slots(self, prompt: list[int], n: int, first_image: int | None = None) -> tuple[list[int], int]:
+    def _adapter(self, req: GenRequest) -> bool:
+        return req.adapter and self.tool_adapter
+
+    def _gate(self, reqs: list[GenRequest]) -> None:
+        """The tool adapter on for these rows of the next forward, off for the rest."""
+        if self.tool_adapter:
+            from lmforge.finetune.lora import set_adapter_rows
+
+            set_adapter_rows(self.model, [self._adapter(r) for r in reqs])
+
+    def _take_slots(self, prompt: list[int], n: int, first_image: int | None = None,
+                    adapter: bool = False) -> tuple[list[int], int]:
         """`n` free slots for a prompt, the first the one whose kept tokens share the longest
         prefix with it (else the least recently used), and how many prompt tokens it keeps.
         At least the prompt's last token is always computed again: its logits start the reply.
@@ -353,6 +373,8 @@ class Scheduler:
         limit = len(prompt) - 1 if first_image is None else min(len(prompt) - 1, first_image)
 
         def shared(slot):
+            if self.slot_adapter[slot] != adapter:
+                return 0
             held, k = self.slot_tokens[slot][: self.slot_clean[slot]], 0
             for a, b in zip(held, prompt[:limit]):
                 if a != b:
@@ -370,6 +392,7 @@ class Scheduler:
             self._admissions += 1
             self.slot_used[sl] = self._admissions
             self.slot_clean[sl] = first_image
+            self.slot_adapter[sl] = adapter
         self.cache.reset(slots)
         self.cache.lengths[best] = keep
         del self.slot_tokens[best][keep:]
@@ -401,6 +424,7 @@ class Scheduler:
             idx[b, : len(c)] = torch.tensor(c, device=self.device)
         n_new = torch.tensor([len(c) for c in chunks], device=self.device)
         slots = torch.tensor([g[0].slot for g in rows], device=self.device)
+        self._gate([g[0].handle.req for g in rows])
         # hidden states only: the output head runs on each row's last position, not T x vocab
         h = self.model(idx, cache=self.cache, rows=slots, n_new=n_new, hidden_only=True)
         self.stats.prefill_tokens += int(n_new.sum())
@@ -426,6 +450,7 @@ class Scheduler:
         chunk = req.prompt[lead.prefilled:]
         idx = torch.tensor([chunk], device=self.device)
         pv, mask = (None if t is None else t.to(self.device) for t in (req.pixel_values, req.pixel_attention_mask))
+        self._gate([req])
         h = self.model(idx, pv, mask, cache=self.cache, rows=torch.tensor([lead.slot], device=self.device),
                        n_new=torch.tensor([len(chunk)], device=self.device), hidden_only=True)
         self.stats.prefill_tokens += len(chunk)
@@ -437,11 +462,9 @@ class Scheduler:
         self.prefilling.remove(group)
         lead = group[0]
         L = len(lead.handle.req.prompt)
-        for s in group[1:]:  # n > 1: copy the prompt's keys/values instead of recomputing them
-            for kb, vb in zip(self.cache.k, self.cache.v):
-                kb[s.slot, :, :L] = kb[lead.slot, :, :L]
-                vb[s.slot, :, :L] = vb[lead.slot, :, :L]
-            self.cache.lengths[s.slot] = L
+        if len(group) > 1:  # n > 1: copy the prompt's keys/values instead of recomputing them
+            self.cache.copy_rows([lead.slot] * (len(group) - 1), [s.slot for s in group[1:]], upto=L)
+        for s in group[1:]:
             self.slot_tokens[s.slot] = list(lead.handle.req.prompt)
         for s in group:
             s.prefilled = L
@@ -451,7 +474,8 @@ class Scheduler:
     def _decode_step(self, seqs: list[_Seq]) -> None:
         for s in seqs:
             self.slot_tokens[s.slot].append(s.pending)
-        if self.lone is not None and len(seqs) == 1:
+        if self.lone is not None and len(seqs) == 1 and not self._adapter(seqs[0].handle.req):
+            self._gate([seqs[0].handle.req])  # off: a fast decoder built with the adapter attached reads its switch
             if self.lone.slot != seqs[0].slot:
                 self.lone.leave(self.cache)
                 self.lone.enter(self.cache, seqs[0].slot)
@@ -462,6 +486,7 @@ class Scheduler:
                 self.lone.leave(self.cache)
             tokens = torch.tensor([[s.pending] for s in seqs], device=self.device)
             rows = torch.tensor([s.slot for s in seqs], device=self.device)
+            self._gate([s.handle.req for s in seqs])
             logits = self.model(tokens, cache=self.cache, rows=rows)[:, -1].float()
         self.stats.steps += 1
         self.stats.rows += len(seqs)
