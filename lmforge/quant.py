@@ -271,16 +271,18 @@ def resolve_precision(dtype="fp32", quant: str | None = "none", device="cpu",
 
 
 # -- calibration and the model-level entry point -------------------------------------------
-def calibration_ids(tokenizer, vocab_size: int) -> list[list[int]]:
-    """Token ids to measure activation ranges on: the built-in text, or seeded random ids."""
+def calibration_ids(tokenizer, vocab_size: int, max_len: int = 512) -> list[list[int]]:
+    """Token ids to measure activation ranges on: the built-in text, or seeded random ids, in
+    pieces of at most `max_len` (a model with learned positions has no place past its context)."""
+    n = max(1, min(512, max_len))
     if tokenizer is not None and CALIBRATION_TEXT.exists():
         ids = tokenizer.encode(CALIBRATION_TEXT.read_text(), add_bos=False)
         ids = [i for i in ids if i < vocab_size]
         if tokenizer.bos_id is not None and tokenizer.bos_id < vocab_size:
             ids = [tokenizer.bos_id] + ids
-        return [ids[i : i + 512] for i in range(0, len(ids), 512)]
+        return [ids[i : i + n] for i in range(0, len(ids), n)]
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, vocab_size, (256,), generator=g).tolist()]
+    return [torch.randint(0, vocab_size, (min(256, n),), generator=g).tolist()]
 
 
 @torch.no_grad()
@@ -333,7 +335,7 @@ def quantize_model(model: nn.Module, quant: str, tokenizer=None, smooth: bool = 
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     act = {}
     if smooth and hasattr(model, "cfg"):
-        act = activation_absmax(model, calibration_ids(tokenizer, model.cfg.vocab_size))
+        act = activation_absmax(model, calibration_ids(tokenizer, model.cfg.vocab_size, model.cfg.max_seq_len))
     # layers reading the same input share one smoothing vector so they can be fused later
     groups: list[list[str]] = []
     done = set()
