@@ -88,6 +88,31 @@ def _content_text(content, i: int) -> str:
     raise RecordError(f"message {i} content must be a string, got {type(content).__name__}")
 
 
+IMAGE_PARTS = ("image", "image_url")
+_IMAGE_SOURCES = ("path", "data", "image", "url")
+
+
+def _content_parts(content, i: int, images: list | None) -> list[dict]:
+    """A vision model's message content: text parts and image parts (`{"type": "image", "path" |
+    "data"}`, OpenAI's `image_url` with a data: URL); a bare `{"type": "image"}` takes the next of
+    the record's `images`."""
+    out = []
+    for j, p in enumerate(content):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "text" and isinstance(p.get("text"), str):
+            out.append({"type": "text", "text": p["text"]})
+        elif kind == "image" and not any(p.get(k) is not None for k in _IMAGE_SOURCES):
+            if not images:
+                raise RecordError(f"message {i} content part {j} is an image with no 'path' or 'data', and the record's "
+                                  "'images' list has none left for it")
+            out.append({"type": "image", "path": images.pop(0)})
+        elif kind in IMAGE_PARTS:
+            out.append(dict(p))
+        else:
+            raise RecordError(f"message {i} content part {j} is not a text or image part")
+    return out
+
+
 def _check_tool_calls(calls, i: int) -> None:
     if not isinstance(calls, list) or not calls:
         raise RecordError(f"message {i} tool_calls must be a non-empty list")
@@ -105,8 +130,11 @@ def _check_tool_calls(calls, i: int) -> None:
             raise RecordError(f"message {i} tool_calls[{j}] arguments must be a JSON string or an object")
 
 
-def check_messages(messages, require_assistant: bool = True, final_assistant: bool = False) -> list[dict]:
-    """Validate an OpenAI-style message list; return it normalized (text content).
+def check_messages(messages, require_assistant: bool = True, final_assistant: bool = False,
+                   images: list | None = None) -> list[dict]:
+    """Validate an OpenAI-style message list; return it normalized (text content; with `images`,
+    a list, content with image parts stays parts, for a vision model, and bare image parts take
+    its paths in order).
 
     Rules: non-empty list of objects; known roles and keys; string/text-part content; tool calls
     well formed and only on assistant turns; a tool result follows a tool call; system only first;
@@ -129,7 +157,12 @@ def check_messages(messages, require_assistant: bool = True, final_assistant: bo
             raise RecordError(f"message {i} has role {role!r} (expected one of {', '.join(ROLES)})")
         if role == "system" and i != 0:
             raise RecordError(f"message {i}: a system message may only come first")
-        text = _content_text(m.get("content"), i)
+        content = m.get("content")
+        if images is not None and isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in IMAGE_PARTS
+                                                                    for p in content):
+            text = _content_parts(content, i, images)
+        else:
+            text = _content_text(content, i)
         nm = {"role": role, "content": text}
         if m.get("tool_calls") is not None:
             if role != "assistant":
@@ -174,8 +207,9 @@ def check_tools(tools) -> list[dict] | None:
     return tools
 
 
-def record_to_example(obj, fmt: str = "auto") -> tuple[list[dict], list[dict] | None]:
-    """(messages, tools) from one record in chat or instruction format."""
+def record_to_example(obj, fmt: str = "auto", images: bool = False) -> tuple[list[dict], list[dict] | None]:
+    """(messages, tools) from one record in chat or instruction format; `images`: for a vision
+    model (image parts kept, the record's `images` list filling bare ones, TRL's layout)."""
     if not isinstance(obj, dict):
         raise RecordError(f"a record must be a JSON object, got {type(obj).__name__}")
     kind = fmt
@@ -188,12 +222,21 @@ def record_to_example(obj, fmt: str = "auto") -> tuple[list[dict], list[dict] | 
             keys = ", ".join(sorted(obj)) or "none"
             raise RecordError(f"unknown record format (keys: {keys}); expected 'messages' or 'instruction'/'output'")
     if kind == "chat":
-        extra = set(obj) - {"messages", "tools", "parallel_tool_calls"}
+        extra = set(obj) - {"messages", "tools", "parallel_tool_calls"} - ({"images"} if images else set())
         if extra:
             raise RecordError(f"unknown key '{sorted(extra)[0]}' in a chat record")
         if "messages" not in obj:
             raise RecordError("chat record without 'messages'")
-        return check_messages(obj["messages"]), check_tools(obj.get("tools"))
+        pics = None
+        if images:
+            pics = obj.get("images") or []
+            if not isinstance(pics, list) or not all(isinstance(x, str) for x in pics):
+                raise RecordError("'images' must be a list of image file paths")
+            pics = list(pics)
+        msgs = check_messages(obj["messages"], images=pics)
+        if pics:
+            raise RecordError(f"the record's 'images' has {len(pics)} more than its image parts")
+        return msgs, check_tools(obj.get("tools"))
     if kind == "instruction":
         extra = set(obj) - {"instruction", "input", "output", "system"}
         if extra:
@@ -338,6 +381,15 @@ def read_checked(data: str | Path, convert: Callable[[object, str], T], on_error
     return out, report
 
 
+def _rooted(msgs: list[dict], home: Path) -> list[dict]:
+    """Image parts' relative paths as paths under the data's folder."""
+    for m in msgs:
+        for p in m["content"] if isinstance(m["content"], list) else []:
+            if p.get("type") == "image" and isinstance(p.get("path"), str) and not Path(p["path"]).is_absolute():
+                p["path"] = str(home / p["path"])
+    return msgs
+
+
 def clip_row(ids: list[int], mask: list[int], max_len: int, where: str, report: DataReport,
              what: str = "assistant token") -> tuple[list[int], list[int]]:
     """Cut a rendered row to `max_len` tokens (recorded in report.truncated); RecordError when no
@@ -351,15 +403,18 @@ def clip_row(ids: list[int], mask: list[int], max_len: int, where: str, report: 
 
 
 def load_examples(data: str | Path, fmt: str = "auto", on_error: str = "fail", split: str = "train",
-                  report: DataReport | None = None) -> tuple[list[Example], DataReport]:
-    """Read and validate every record; bad ones fail the run or are skipped and reported."""
+                  report: DataReport | None = None, images: bool = False) -> tuple[list[Example], DataReport]:
+    """Read and validate every record; bad ones fail the run or are skipped and reported.
+    `images` (a vision model): image parts are kept, their relative paths taken from the data's
+    folder."""
     check_on_error(on_error)
     if fmt not in FORMATS:
         raise LmforgeError(f"unknown data format '{fmt}' (choose {', '.join(FORMATS)})")
+    home = Path(data) if Path(data).is_dir() else Path(data).parent
 
     def convert(obj, where: str) -> Example:
-        msgs, tools = record_to_example(obj, fmt)
-        return Example(msgs, where, tools)
+        msgs, tools = record_to_example(obj, fmt, images)
+        return Example(_rooted(msgs, home) if images else msgs, where, tools)
 
     return read_checked(data, convert, on_error, split, report)
 

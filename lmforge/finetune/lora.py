@@ -317,13 +317,18 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
     cfg = peft_config_dict(model, base_model, settings)
     from lmforge.finetune.lora_layouts import layout, to_checkpoint_layout
 
-    if layout(getattr(model, "cfg", None)) is not None:  # Phi-3, GPT-2: their checkpoints' layers
+    from lmforge.finetune.lora_layouts import vlm_checkpoint_layout
+    from lmforge.loading.state_maps import is_vlm
+
+    if is_vlm(model):  # Idefics3 / SmolVLM: the text model under model.text_model
+        state, cfg = vlm_checkpoint_layout(state, cfg, PEFT_PREFIX)
+    elif layout(getattr(model, "cfg", None)) is not None:  # Phi-3, GPT-2: their checkpoints' layers
         state, cfg = to_checkpoint_layout(model, lora_layers(model), state, cfg, PEFT_PREFIX)
     save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "README.md").write_text(
         f"---\nbase_model: {base_model or ''}\nlibrary_name: peft\n---\n\n"
-        f"LoRA adapter (r={cfg['r']}, alpha={cfg['lora_alpha']}, targets {', '.join(cfg['target_modules'])}) "
+        f"LoRA adapter (r={cfg['r']}, alpha={cfg['lora_alpha']}, targets {', '.join(sorted({p.split('.')[-1] for p in lora_layers(model)}))}) "
         "written by lmforge in PEFT's layout.\n\n"
         "    lmforge chat --model THIS_FOLDER\n    lmforge merge --adapter THIS_FOLDER --out merged/\n"
     )
@@ -399,8 +404,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraSettings:
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
     alpha_of = {}  # a Phi-3/GPT-2 layer's alpha, for the parts it is split into
     from lmforge.finetune.lora_layouts import from_checkpoint_layout, layout
+    from lmforge.loading.state_maps import is_vlm, vlm_path
 
-    if layout(getattr(model, "cfg", None)) is not None:
+    if is_vlm(model):
+        pairs = {vlm_path(p, to_checkpoint=False): ab for p, ab in pairs.items()}
+        cfg = dict(cfg, alpha_pattern={vlm_path(k, False): v for k, v in (cfg.get("alpha_pattern") or {}).items()})
+    elif layout(getattr(model, "cfg", None)) is not None:
         pairs, alpha_of = from_checkpoint_layout(pairs, model.cfg, cfg, float(cfg.get("lora_alpha", 8)), _pattern_value)
     settings = LoraSettings(r=int(cfg.get("r", 8)), alpha=float(cfg.get("lora_alpha", 8)),
                             dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),

@@ -100,3 +100,18 @@ def from_checkpoint_layout(pairs: dict, mcfg, cfg: dict, alpha: float, pattern_v
         else:
             out[path] = ab
     return out, alphas
+
+
+def vlm_checkpoint_layout(state: dict, cfg: dict, prefix: str) -> tuple[dict, dict]:
+    """(tensors, adapter_config) of a vision-language model's adapter in its checkpoint's module
+    names (`lmforge.loading.state_maps.vlm_path`: PEFT puts it on transformers' model as it is on
+    lmforge's, on the text model and the connector, never the vision encoder); its
+    targets as a regex over full paths (names alone would also match the vision encoder's)."""
+    from lmforge.loading.state_maps import vlm_path
+
+    out = {prefix + vlm_path(k[len(prefix):]): t for k, t in state.items()}
+    paths = sorted({k[len(prefix):].rsplit(".lora_", 1)[0] for k in out})
+    cfg = dict(cfg, target_modules="^(" + "|".join(p.replace(".", r"\.") for p in paths) + ")$",
+               rank_pattern={vlm_path(k): v for k, v in cfg.get("rank_pattern", {}).items()},
+               alpha_pattern={vlm_path(k): v for k, v in cfg.get("alpha_pattern", {}).items()})
+    return out, cfg

@@ -24,21 +24,14 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from lmforge.model import softcap
 from lmforge.errors import LmforgeError
+from lmforge.finetune.targets import IGNORE, example_targets, lm_loss_sum  # noqa: F401 (IGNORE: this module's API too)
 from lmforge.train.trainer import BatchSource, TrainConfig, resolve_device, to_device, unwrap
 
-IGNORE = -100
 
 
 # -- batches ----------------------------------------------------------------------------------
-def example_targets(ids: list[int], mask: list[int]) -> list[int]:
-    """Per position, the next token when it is a trained (assistant) token, else IGNORE."""
-    return [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
-
-
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, seq_len: int | None = None) -> dict:
     """One example per row, right-padded to the longest (or `seq_len`)."""
     T = seq_len or max(len(ids) for ids, _ in rows)
@@ -169,27 +162,6 @@ class SFTBatches(BatchSource):
 
 
 # -- loss -------------------------------------------------------------------------------------
-def _ce_sum(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, cap: float | None = None) -> torch.Tensor:
-    return F.cross_entropy(softcap(F.linear(h, w), cap).float(), t, reduction="sum")
-
-
-def lm_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0,
-                cap: float | None = None) -> torch.Tensor:
-    """Sum of cross-entropy over rows of `hidden` [N, C] against `targets` [N].
-
-    `chunk` > 0 computes the output head and loss `chunk` rows at a time and recomputes each
-    chunk in backward, so at most one chunk of logits exists at any moment.
-    """
-    if chunk <= 0 or hidden.shape[0] <= chunk:
-        return _ce_sum(hidden, head_weight, targets, cap)
-    from torch.utils.checkpoint import checkpoint
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, hidden.shape[0], chunk):
-        total = total + checkpoint(_ce_sum, hidden[i:i + chunk], head_weight, targets[i:i + chunk], cap, use_reentrant=False)
-    return total
-
-
 def sft_loss(model: nn.Module, batch: dict, ce_chunk: int = 0) -> tuple[torch.Tensor, dict]:
     """Mean cross-entropy over the batch's assistant tokens; (loss, metrics) for the trainer."""
     raw = unwrap(model)
@@ -284,6 +256,7 @@ class LoraArgs:
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: ["all-linear"])  # attention, mlp, all-linear or names
     rslora: bool = False  # scale by alpha/sqrt(r) (rank-stabilized LoRA)
+    connector: bool = False  # a vision-language model: LoRA on its connector too (the vision encoder stays frozen)
 
 
 @dataclass
@@ -401,13 +374,22 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
     tok.allow_special_in_content = cfg.allow_special_in_content
     max_len = min(cfg.max_seq_len, model.cfg.max_seq_len)
 
-    report = DataReport()
-    examples, report = load_examples(cfg.data, cfg.data_format, cfg.on_error, cfg.data_split, report)
-    rows, report = tokenize_examples(tok, examples, max_len, cfg.on_error, report)
+    from lmforge.loading.state_maps import is_vlm
+
+    sees = is_vlm(model)  # conversations with images: lmforge.vision.sft
+
+    def rows_of(data, report):
+        examples, report = load_examples(data, cfg.data_format, cfg.on_error, cfg.data_split, report, images=sees)
+        if not sees:
+            return tokenize_examples(tok, examples, max_len, cfg.on_error, report)
+        from lmforge.vision.sft import tokenize_vision_examples
+
+        return tokenize_vision_examples(model, tok, examples, max_len, cfg.on_error, report), report
+
+    rows, report = rows_of(cfg.data, DataReport())
     val_rows: list = []
     if cfg.val_data:
-        vex, vrep = load_examples(cfg.val_data, cfg.data_format, cfg.on_error, cfg.data_split)
-        val_rows, vrep = tokenize_examples(tok, vex, max_len, cfg.on_error, vrep)
+        val_rows, vrep = rows_of(cfg.val_data, None)
         for line in vrep.lines():
             print(f"val data: {line}")
     elif cfg.val_fraction > 0:
@@ -420,13 +402,23 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
 
     settings = LoraSettings(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
                             rslora=cfg.lora.rslora)
-    params = prepare_model(model, cfg.method, settings, base_quant)
+    if sees:
+        from lmforge.vision.sft import prepare_vlm
+
+        params = prepare_vlm(model, cfg.method, settings, cfg.lora.connector)
+    else:
+        params = prepare_model(model, cfg.method, settings, base_quant)
     n_train = sum(p.numel() for p in {id(p): p for p in params}.values())
     frozen = {"full": "", "lora": f" (frozen base {dtype}, adapters fp32)", "qlora": f" (base {base_quant})"}[cfg.method]
     print(f"method {cfg.method}{frozen}: {n_train:,} trainable of {model.num_parameters():,} parameters")
 
     pad_id = tok.pad_id if tok.pad_id is not None else 0
-    batches = SFTBatches(rows, cfg.batch_size, max_len, pad_id, pack=cfg.pack, seed=cfg.seed)
+    if sees:
+        from lmforge.vision.sft import VisionSFTBatches, vision_eval_loss, vision_sft_loss
+
+        batches = VisionSFTBatches(rows, cfg.batch_size, pad_id, model.image_config, seed=cfg.seed)
+    else:
+        batches = SFTBatches(rows, cfg.batch_size, max_len, pad_id, pack=cfg.pack, seed=cfg.seed)
     tcfg = dataclasses.replace(cfg.train, seed=cfg.seed)
     if tcfg.max_steps <= 0:
         per_epoch = math.ceil(batches.steps_per_epoch() / tcfg.grad_accum)
@@ -445,6 +437,8 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
     eval_fn = None
     if val_rows:
         def eval_fn(m):
+            if sees:
+                return {"val_loss": vision_eval_loss(m, val_rows, cfg.batch_size, pad_id, model.image_config)}
             return {"val_loss": eval_loss(m, val_rows, cfg.batch_size, pad_id, cfg.ce_chunk)}
 
     sample_fn = None
@@ -457,7 +451,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
         def sample_fn(m):
             return generate_text(m, tok, [prompt_ids], SamplingParams(max_new_tokens=64))[0]["text"]
 
-    result = train(model, make_sft_loss(cfg.ce_chunk), batches, tcfg, out, params=params, eval_fn=eval_fn,
+    result = train(model, vision_sft_loss if sees else make_sft_loss(cfg.ce_chunk), batches, tcfg, out, params=params, eval_fn=eval_fn,
                    save_fn=save_fn, sample_fn=sample_fn, tokenizer=tok,
                    config=dataclasses.replace(cfg, dtype=dtype, train=tcfg), progress=progress)
     what = "model" if cfg.method == "full" else "adapter (PEFT layout)"

@@ -416,6 +416,13 @@ def save_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = N
     """Write config.json, model.safetensors (tied head omitted, as HF does) and tokenizer files."""
     from safetensors.torch import save_file
 
+    from lmforge.loading.state_maps import is_vlm
+
+    if is_vlm(model):  # Idefics3 / SmolVLM: the folder it came from, with these weights
+        from lmforge.loading.vlm_files import save_vlm
+
+        return save_vlm(model, tokenizer, out_dir, dtype)
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg: Config = model.cfg

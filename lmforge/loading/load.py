@@ -213,7 +213,7 @@ def _vlm_folder(model) -> Path | None:
         return None  # the text loader says what is wrong, in its own words
     if not path.is_dir():
         return None
-    from lmforge.vision.load import vlm_folder
+    from lmforge.loading.vlm_files import vlm_folder
 
     try:
         return vlm_folder(resolve_run_folder(path))

@@ -4,6 +4,8 @@ their state dicts mapped in (on load) and out (on save), exactly (splits, joins,
 - Phi-3 fuses q|k|v into `qkv_proj` and gate|up into `gate_up_proj`.
 - GPT-2 names everything `transformer.h.N.*`, fuses q|k|v into `c_attn`, and stores its linear
   weights as Conv1D ([in, out], the transpose of nn.Linear's).
+- Idefics3 / SmolVLM keep the text model under `model.text_model` and the connector's projection
+  under `model.connector.modality_projection` (`vlm_path`).
 """
 from __future__ import annotations
 
@@ -99,3 +101,22 @@ def lmforge_state_to_gpt2(state: dict) -> dict:
         else:
             out[key] = t
     return out
+
+
+# A vision-language model's (Idefics3 / SmolVLM) module paths in its checkpoints, beside lmforge's
+# `VLM` (lmforge/vision/vlm.py): its weights and its LoRA adapters are saved under these.
+VLM_PATHS = (("text.model.", "model.text_model."), ("text.lm_head", "lm_head"),
+             ("connector.proj", "model.connector.modality_projection.proj"), ("vision_model.", "model.vision_model."))
+
+
+def is_vlm(model) -> bool:
+    return hasattr(model, "vision_model") and hasattr(model, "text")
+
+
+def vlm_path(path: str, to_checkpoint: bool = True) -> str:
+    """A module path (or state dict key) of lmforge's VLM in the checkpoint's names (or back)."""
+    for ours, theirs in VLM_PATHS:
+        a, b = (ours, theirs) if to_checkpoint else (theirs, ours)
+        if path.startswith(a):
+            return b + path[len(a):]
+    return path

@@ -18,25 +18,13 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.loading.hf import _float, _int, config_from_hf, iter_hf_tensors, read_generation_config
+from lmforge.loading.state_maps import vlm_path
+from lmforge.loading.vlm_files import PARTS_PRELUDE
 from lmforge.vision.encoder import VisionConfig
 from lmforge.vision.preprocess import ImageConfig
 from lmforge.vision.vlm import VLM
 
-VLM_MODEL_TYPES = ("idefics3", "smolvlm")
 _VISION_ACTS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")
-
-
-def vlm_folder(path) -> Path | None:
-    """`path` when it is a folder holding an Idefics3 / SmolVLM config.json, else None."""
-    folder = Path(path)
-    cfg = folder / "config.json"
-    if not folder.is_dir() or not cfg.is_file():
-        return None
-    try:
-        mtype = json.loads(cfg.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError, OSError):
-        return None  # the text loader reports a broken config.json in its own words
-    return folder if mtype in VLM_MODEL_TYPES else None
 
 
 def vision_config_from_hf(hf: dict, where: str) -> VisionConfig:
@@ -85,28 +73,14 @@ def split_state(state: dict, where: str) -> tuple[dict, dict]:
     """(text model state in lmforge's names, vision + connector state in the VLM's names)."""
     text, vision = {}, {}
     for key, t in state.items():
-        if key.startswith("model.text_model."):
-            text["model." + key[len("model.text_model."):]] = t
-        elif key == "lm_head.weight":
-            text[key] = t
-        elif key.startswith("model.vision_model."):
-            vision[key[len("model."):]] = t
-        elif key == "model.connector.modality_projection.proj.weight":
-            vision["connector.proj.weight"] = t
+        ours = vlm_path(key, to_checkpoint=False)
+        if ours.startswith("text."):
+            text[ours[len("text."):]] = t
+        elif ours.startswith(("vision_model.", "connector.proj.")):
+            vision[ours] = t
         else:
             raise LmforgeError(f"{where}: unexpected tensor '{key}' for an Idefics3 model")
     return text, vision
-
-
-# Idefics3 / SmolVLM templates read each message's content as a list of parts; lmforge's text
-# renderer (lmforge.chat) hands them strings. This prelude turns a string into one text part, so
-# text-only chat renders as the model expects; lists pass through, so prompts with images render
-# exactly as before.
-_PARTS_PRELUDE = (
-    "{%- set ns = namespace(msgs=[]) -%}{%- for m in messages -%}{%- if m['content'] is string -%}"
-    "{%- set ns.msgs = ns.msgs + [dict(m, content=[{'type': 'text', 'text': m['content']}])] -%}"
-    "{%- else -%}{%- set ns.msgs = ns.msgs + [m] -%}{%- endif -%}{%- endfor -%}{%- set messages = ns.msgs -%}"
-)
 
 
 def with_parts_template(tok):
@@ -114,9 +88,9 @@ def with_parts_template(tok):
     from dataclasses import replace
 
     template = getattr(tok, "chat_template", None)
-    if not template or ("'type'" not in template and '"type"' not in template) or template.startswith(_PARTS_PRELUDE):
+    if not template or ("'type'" not in template and '"type"' not in template) or template.startswith(PARTS_PRELUDE):
         return tok
-    return replace(tok, chat_template=_PARTS_PRELUDE + template)
+    return replace(tok, chat_template=PARTS_PRELUDE + template)
 
 
 def load_vlm(folder, dtype=torch.float32, device="cpu"):

@@ -124,11 +124,43 @@ def render_chat(tokenizer, messages: list[dict], image_config: ImageConfig | Non
                 add_generation_prompt: bool = True) -> VisionPrompt:
     """Token ids and pixels of a conversation with image parts, ready for the assistant's turn
     (`add_generation_prompt`). `VLM.render_chat` fills in the model's settings."""
-    from lmforge.chat import _render
-
     msgs, images = split_images(messages)
     batch = preprocess_images([images], image_config) if images else None
     grids = batch.grids[0] if batch is not None else []
+    return VisionPrompt(prompt_ids(tokenizer, msgs, grids, image_seq_len, add_generation_prompt), batch)
+
+
+def render_training(tokenizer, messages: list[dict], image_config: ImageConfig | None = None,
+                    image_seq_len: int = 169) -> tuple[list[int], list[int], list]:
+    """(ids, loss mask, images) of a whole conversation with image parts, for SFT: the mask is 1
+    on each assistant turn (its end-of-turn token included), found as `lmforge.chat` finds it:
+    the conversation up to the turn's generation prompt is a prefix of the one up to its end."""
+    msgs, images = split_images(messages)
+    grids = preprocess_images([images], image_config).grids[0] if images else []
+
+    def ids_upto(k: int, gen: bool) -> list[int]:
+        n = sum(p["type"] == "image" for m in msgs[:k] for p in m["content"])
+        return prompt_ids(tokenizer, msgs[:k], grids[:n], image_seq_len, gen)
+
+    full = ids_upto(len(msgs), False)
+    mask = [0] * len(full)
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before, upto = ids_upto(i, True), ids_upto(i + 1, False)
+        if full[:len(upto)] != upto or upto[:len(before)] != before:
+            raise LmforgeError("the chat template does not render conversations prefix by prefix; cannot mark assistant turns")
+        end = len(upto)
+        while end > len(before) + 1 and not tokenizer.decode([upto[end - 1]]).strip():
+            end -= 1  # the newline after the end-of-turn token belongs to the template
+        mask[len(before):end] = [1] * (end - len(before))
+    return full, mask, images
+
+
+def prompt_ids(tokenizer, msgs: list[dict], grids: list, image_seq_len: int, add_generation_prompt: bool) -> list[int]:
+    """Token ids of `split_images` messages whose images have these tile grids."""
+    from lmforge.chat import _render
+
     texts = [p["text"] for m in msgs for p in m["content"] if p["type"] == "text"]
     marked, n = [], 0
     for m in msgs:
@@ -139,8 +171,8 @@ def render_chat(tokenizer, messages: list[dict], image_config: ImageConfig | Non
             parts.append(p)
         marked.append({**m, "content": parts})
     template = _render(tokenizer, marked, add_generation_prompt)
-    if template.count(IMAGE_TOKEN) != len(images):
-        raise LmforgeError(f"the chat template wrote {template.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tokens for {len(images)} images")
+    if template.count(IMAGE_TOKEN) != len(grids):
+        raise LmforgeError(f"the chat template wrote {template.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tokens for {len(grids)} images")
     pieces, pos = [], 0  # (text, from the template)
     for hit in _MARK_RE.finditer(template):
         pieces += [(template[pos:hit.start()], True), (texts[int(hit.group(1))], False)]
@@ -151,7 +183,7 @@ def render_chat(tokenizer, messages: list[dict], image_config: ImageConfig | Non
     ids = _encode(tokenizer, pieces, grids, image_seq_len)
     if getattr(tokenizer, "add_bos", False) and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
         ids = [tokenizer.bos_id] + ids
-    return VisionPrompt(ids, batch)
+    return ids
 
 
 def _encode(tokenizer, pieces: list[tuple[str, bool]], grids, seq_len: int) -> list[int]:

@@ -54,7 +54,7 @@ class VLM(nn.Module):
         in prompt order. All-zero slots are padding (prompts with fewer tiles) and are skipped,
         as transformers skips them."""
         p = self.vision_model.cfg.patch_size
-        pixels = pixel_values.flatten(0, 1).to(self.connector.proj.weight.dtype)
+        pixels = pixel_values.flatten(0, 1).to(next(self.vision_model.parameters()).dtype)
         real = (pixels != 0).flatten(1).any(1)
         pixels = pixels[real]
         if pixel_attention_mask is None:
