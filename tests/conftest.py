@@ -82,3 +82,14 @@ def live_server(app):
     finally:
         srv.should_exit = True
         th.join(15)
+
+
+def trained_texts(tok, ids: list[int], mask: list[int]) -> list[str]:
+    """The decoded runs of tokens a loss mask trains (one per assistant turn)."""
+    runs, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs, cur = runs + [cur], []
+    return [tok.decode(r) for r in runs + ([cur] if cur else [])]

@@ -104,14 +104,10 @@ def test_the_default_models_template_still_gets_lmforges_tool_text(default_lm):
 
 
 def trained(tok, msgs, **kw):
+    from conftest import trained_texts
+
     ids, mask = render_conversation(tok, msgs, **kw)
-    runs, cur = [], []
-    for i, m in zip(ids, mask):
-        if m:
-            cur.append(i)
-        elif cur:
-            runs, cur = runs + [cur], []
-    return [tok.decode(r) for r in runs + ([cur] if cur else [])], ids
+    return trained_texts(tok, ids, mask), ids
 
 
 @pytest.mark.parametrize("name,msgs,want", [

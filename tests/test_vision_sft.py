@@ -51,14 +51,9 @@ def test_the_loss_mask_covers_the_assistant_turn_and_its_end_token():
             {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "And?"},
             {"role": "assistant", "content": "Bye."}]
     ids, mask, images = render_training(lm.tokenizer, msgs, lm.model.image_config, lm.model.image_seq_len)
-    runs, cur = [], []
-    for i, m in zip(ids, mask):
-        if m:
-            cur.append(i)
-        elif cur:
-            runs, cur = runs + [cur], []
-    runs += [cur] if cur else []
-    assert [lm.tokenizer.decode(r) for r in runs] == [" Hello there.<end_of_utterance>", " Bye.<end_of_utterance>"]
+    from conftest import trained_texts
+
+    assert trained_texts(lm.tokenizer, ids, mask) == [" Hello there.<end_of_utterance>", " Bye.<end_of_utterance>"]
     assert ids.count(lm.model.image_token_id) > 0 and len(images) == 1
     assert ids == lm.model.render_chat(lm.tokenizer, msgs, add_generation_prompt=False).ids
 
