@@ -109,13 +109,22 @@ def _metric(value: float, stderr: float | None) -> dict:
 
 
 def run_multiple_choice(backend, task: Task, idx: list[int], s: EvalSettings, progress) -> tuple[dict, list[dict], dict]:
+    if task.has_images:
+        from lmforge.eval.images import image_loglikelihoods
+
+        contexts, scores = image_loglikelihoods(backend, task, idx, s, progress)
+        return choice_results(task, idx, contexts, scores)
     contexts = [build_context(task, i, s.fewshot, s.seed) for i in idx]
     if s.chat:
         if not hasattr(backend, "chat_text"):
             raise LmforgeError(f"{task.name}: multiple choice with --chat needs a local model (the chat template)")
         contexts = [backend.chat_text(c) for c in contexts]
     requests = [(c, task.items[i].choices) for c, i in zip(contexts, idx)]
-    scores = backend.loglikelihoods(requests, progress=progress)
+    return choice_results(task, idx, contexts, backend.loglikelihoods(requests, progress=progress))
+
+
+def choice_results(task: Task, idx: list[int], contexts: list[str], scores) -> tuple[dict, list[dict], dict]:
+    """Accuracy (and per-byte normalised accuracy) of the choices' scores against the gold ones."""
     acc, acc_norm, chance, recs = [], [], [], []
     for i, ctx, sc in zip(idx, contexts, scores):
         it = task.items[i]
@@ -136,11 +145,21 @@ def run_multiple_choice(backend, task: Task, idx: list[int], s: EvalSettings, pr
 
 
 def run_generate(backend, task: Task, idx: list[int], s: EvalSettings, progress) -> tuple[dict, list[dict], dict]:
-    from lmforge.eval.generative import exact_match, extract_answer
+    if task.has_images:
+        from lmforge.eval.images import image_generate
 
+        prompts, outs = image_generate(backend, task, idx, s, progress)
+        return generation_results(task, idx, prompts, outs)
     prompts = [build_context(task, i, s.fewshot, s.seed) for i in idx]
     stop = [] if s.chat else task.stop
     outs = backend.generate(prompts, s.max_new_tokens or task.max_new_tokens, stop=stop, chat=s.chat, progress=progress)
+    return generation_results(task, idx, prompts, outs)
+
+
+def generation_results(task: Task, idx: list[int], prompts: list[str], outs: list[str]) -> tuple[dict, list[dict], dict]:
+    """Exact match of each output's extracted answer against the item's targets."""
+    from lmforge.eval.generative import exact_match, extract_answer
+
     em, recs = [], []
     for i, p, o in zip(idx, prompts, outs):
         it = task.items[i]

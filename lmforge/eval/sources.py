@@ -314,6 +314,7 @@ def load_user_jsonl(path: Path | str, name: str | None = None) -> Task:
         if "input" not in r:
             raise LmforgeError(f"{path} item {n}: missing 'input'")
         iid = str(r.get("id", n - 1))
+        meta = {"image": _image_of(r, path, n)} if r.get("image") is not None else {}
         if all(mc):
             choices = [str(c) for c in r["choices"]]
             if len(choices) < 2:
@@ -332,16 +333,31 @@ def load_user_jsonl(path: Path | str, name: str | None = None) -> Task:
                     gold.append(choices.index(str(a)))
                 else:
                     raise LmforgeError(f"{path} item {n}: answer {a!r} is not one of the choices")
-            items.append(Item(id=iid, prompt=str(r["input"]), choices=choices, gold=sorted(set(gold)), shot_answer=choices[gold[0]]))
+            items.append(Item(id=iid, prompt=str(r["input"]), choices=choices, gold=sorted(set(gold)), shot_answer=choices[gold[0]],
+                              meta=meta))
         else:
             if "target" not in r:
                 raise LmforgeError(f"{path} item {n}: missing 'target' (or 'choices' + 'answer')")
             t = r["target"]
             targets = [str(x) for x in t] if isinstance(t, list) else [str(t)]
-            items.append(Item(id=iid, prompt=str(r["input"]), targets=targets, shot_answer=targets[0]))
+            items.append(Item(id=iid, prompt=str(r["input"]), targets=targets, shot_answer=targets[0], meta=meta))
     kind = "multiple_choice" if all(mc) else "generate"
     return Task(name=name or path.stem, kind=kind, items=items, source=f"jsonl:{path}", fewshot_separator="\n\n",
                 output_regex=None, stop=["\n"])
+
+
+def _image_of(r: dict, path: Path, n: int) -> str:
+    """An item's `image`: a data: URL, or a file path (relative ones from the task file's folder)."""
+    img = r["image"]
+    if not isinstance(img, str) or not img:
+        raise LmforgeError(f"{path} item {n}: 'image' must be a file path or a data: URL")
+    if img.startswith("data:"):
+        return img
+    p = Path(img).expanduser()
+    p = p if p.is_absolute() else path.parent / p
+    if not p.is_file():
+        raise LmforgeError(f"{path} item {n}: image {img} not found")
+    return str(p)
 
 
 def load_text_task(path: Path | str, name: str | None = None) -> Task:

@@ -80,6 +80,12 @@ class Task:
             raise LmforgeError(f"task {self.name}: unknown kind '{self.kind}' (one of {', '.join(KINDS)})")
 
     @property
+    def has_images(self) -> bool:
+        """Items that ask about a picture (`meta["image"]`): a vision-language model answers them
+        in its chat format (lmforge.eval.images)."""
+        return any(it.meta.get("image") is not None for it in self.items)
+
+    @property
     def primary_metric(self) -> str:
         return {"multiple_choice": "acc", "generate": "exact_match", "perplexity": "bits_per_byte", "code": "pass@1"}[self.kind]
 
