@@ -554,3 +554,50 @@ def test_python_tool_text():
     out = sandbox.python_tool("print('a')\nraise ValueError('bad')").text
     assert out.startswith("a\nstderr:\nTraceback") and "ValueError: bad" in out and "[exit code 1]" in out
     assert "[stopped: wall-clock timeout" in sandbox.python_tool("while True: pass", timeout_s=0.5).text
+
+
+UNPRIVILEGED = r"""
+import json, os
+from lmforge.tools.sandbox import run_python
+code = '''
+import os, socket
+out = {"uid": os.getuid(), "pids": len([p for p in os.listdir("/proc") if p.isdigit()])}
+try:
+    socket.create_connection(("1.1.1.1", 53), timeout=1); out["net"] = True
+except OSError:
+    out["net"] = False
+try:
+    open("/usr/escape", "w"); out["write"] = True
+except OSError:
+    out["write"] = False
+import matplotlib.pyplot as plt
+plt.plot([1, 2, 3])
+print(out)
+'''
+r = run_python(code, timeout_s=60, figures=True)
+print(json.dumps({"euid": os.geteuid(), "ok": r.ok, "stdout": r.stdout, "stderr": r.stderr[-500:],
+                  "figures": [[f.width, f.height] for f in r.figures]}))
+"""
+
+
+def test_an_unprivileged_user_gets_the_same_sandbox(tmp_path):
+    """Run as a user without privileges (a user namespace maps this process to nobody, so the
+    sandbox takes its own unprivileged path: a user namespace of its own instead of a fresh
+    uid): no network, a read-only root, its own process table, and figures still come back."""
+    import ast
+    import json
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to drop privileges with")
+    probe = subprocess.run(["unshare", "--user", "--map-user=65534", "--map-group=65534", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"user namespaces are not available here: {probe.stderr.decode().strip()}")
+    res = subprocess.run(["unshare", "--user", "--map-user=65534", "--map-group=65534", sys.executable, "-c", UNPRIVILEGED],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["euid"] == 65534 and got["ok"], got
+    inside = ast.literal_eval(got["stdout"].strip())
+    assert inside["net"] is False and inside["write"] is False and inside["pids"] <= 3, inside
+    assert got["figures"] == [[640, 480]]
