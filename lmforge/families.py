@@ -11,13 +11,15 @@ from lmforge.model import Config
 # HF model_type / GGUF architecture lmforge reads -> the family's name
 FAMILIES = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral",
             "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3", "phi3": "Phi-3", "olmo2": "OLMo 2", "smollm3": "SmolLM3", "gpt2": "GPT-2",
-            "gemma3": "Gemma 3", "qwen3moe": "Qwen3-MoE"}  # the last two: llama.cpp's names
+            "deepseek_v2": "DeepSeek-V2", "gemma3": "Gemma 3", "qwen3moe": "Qwen3-MoE"}  # the last two: llama.cpp's names
 
 
 def family(cfg: Config) -> str:
     source = cfg.extra.get("model_type") or cfg.extra.get("architecture")
     if source in FAMILIES:
         return FAMILIES[source]
+    if cfg.kv_lora_rank:
+        return "DeepSeek-V2"
     if cfg.sandwich_norms:
         return "Gemma 3" if cfg.qk_norm else "Gemma 2"
     if cfg.post_norms:
@@ -37,7 +39,11 @@ def family(cfg: Config) -> str:
 
 def features(cfg: Config) -> list[str]:
     out = []
-    if cfg.n_kv_heads == 1:
+    if cfg.kv_lora_rank:
+        q = f", queries from a {cfg.q_lora_rank}-wide latent" if cfg.q_lora_rank else ""
+        out.append(f"multi-head latent attention (keys and values from a {cfg.kv_lora_rank}-wide latent{q}; "
+                   f"RoPE on {cfg.qk_rope_head_dim} of {cfg.head_dim} key dimensions)")
+    elif cfg.n_kv_heads == 1:
         out.append(f"multi-query attention ({cfg.n_heads} query heads)")
     elif cfg.n_kv_heads < cfg.n_heads:
         out.append(f"grouped-query attention ({cfg.n_heads} query heads, {cfg.n_kv_heads} key/value heads)")
@@ -66,7 +72,8 @@ def features(cfg: Config) -> list[str]:
         out.append(f"RoPE scaling {cfg.rope_kind}")
     if cfg.is_moe:
         shared = f" + {cfg.n_shared_experts} shared" if cfg.n_shared_experts else ""
-        out.append(f"mixture of experts ({cfg.n_experts} experts, top-{cfg.n_experts_per_token}{shared})")
+        dense = f"; the first {cfg.moe_first_dense} layers dense" if cfg.moe_first_dense else ""
+        out.append(f"mixture of experts ({cfg.n_experts} experts, top-{cfg.n_experts_per_token}{shared}{dense})")
     out.append("tied input/output embeddings" if cfg.tie_embeddings else "separate output head")
     return out
 

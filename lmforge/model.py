@@ -71,6 +71,24 @@ class Config:
     moe_capacity_factor: float = 0.0  # 0 = no token dropping
     moe_aux_loss_coef: float = 0.01
     moe_norm_topk_prob: bool = True  # renormalize the top-k router weights (Mixtral: yes)
+    # DeepSeek's MoE: the first layers keep a dense MLP; the picked weights are scaled; the shared
+    # experts (their total width `moe_shared_d_ff`, default d_ff * n_shared_experts) have no gate;
+    # `moe_groups` (n_group, topk_group): experts are picked only from the best groups
+    moe_first_dense: int = 0
+    moe_routed_scale: float = 1.0
+    moe_shared_d_ff: int | None = None
+    moe_shared_gate: bool = True
+    moe_groups: tuple[int, int] | None = None
+    # DeepSeek-V2's multi-head latent attention (MLA), on when `kv_lora_rank` is set: keys and
+    # values are expanded from a `kv_lora_rank`-wide latent, queries from the input or from a
+    # `q_lora_rank` latent; each query/key head is qk_nope_head_dim wide plus qk_rope_head_dim
+    # that RoPE turns (in adjacent pairs, one rotated key shared by every head), each value
+    # head v_head_dim. head_dim is then the query/key width.
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int | None = None
     # ids the engine and trainer need; the tokenizer is the source of truth when present.
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
@@ -79,6 +97,8 @@ class Config:
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. source model id)
 
     def __post_init__(self):
+        if self.kv_lora_rank:
+            self.head_dim, self.n_kv_heads = self.qk_nope_head_dim + self.qk_rope_head_dim, self.n_heads
         if self.head_dim is None:
             self.head_dim = self.d_model // self.n_heads
         if self.n_kv_heads is None:
@@ -89,6 +109,15 @@ class Config:
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
+
+    @property
+    def rope_dim(self) -> int:
+        """How many of a head's dimensions RoPE turns (all, but MLA's rope part)."""
+        return self.qk_rope_head_dim if self.kv_lora_rank else self.head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
 
     @property
     def rope_kind(self) -> str | None:
@@ -142,7 +171,7 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 def rope_inv_freq(cfg: Config, long: bool = False) -> torch.Tensor:
     """Inverse frequencies for rotate-half RoPE, with the scaling schemes HF configs use.
     `long`: LongRoPE's factors for sequences past the original context (else its short ones)."""
-    d = cfg.head_dim
+    d = cfg.rope_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     sc, kind = cfg.rope_scaling or {}, cfg.rope_kind
     if kind == "longrope":  # Phi-3: one rescaling factor per frequency
@@ -163,19 +192,48 @@ def rope_inv_freq(cfg: Config, long: bool = False) -> torch.Tensor:
         inv_freq = torch.where(medium, smoothed, scaled)
     elif kind == "linear":
         inv_freq = inv_freq / sc["factor"]
+    elif kind == "yarn":
+        inv_freq = _yarn(inv_freq, sc, cfg)
     elif kind is not None:
-        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3, longrope, freq_factors)")
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3, longrope, yarn, freq_factors)")
     return inv_freq
 
 
+def _yarn(inv_freq: torch.Tensor, sc: dict, cfg: Config) -> torch.Tensor:
+    """YaRN: frequencies that turn fewer than `beta_slow` times over the original context are
+    divided by `factor` (interpolated), those that turn more than `beta_fast` times are kept,
+    and a linear ramp over the dimensions blends the two between."""
+    d, factor = cfg.rope_dim, sc["factor"]
+    original = sc.get("original_max_position_embeddings") or cfg.max_seq_len
+
+    def dim_of(turns):  # the dimension whose wavelength fits `turns` times into the original context
+        return d * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low, high = dim_of(sc.get("beta_fast") or 32), dim_of(sc.get("beta_slow") or 1)
+    if sc.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 def rope_attention_factor(cfg: Config) -> float:
-    """LongRoPE's scale of cos and sin (so of q.k by its square): sqrt(1 + ln(s) / ln(original
-    context)), s = the context's stretch; 1 for every other scheme."""
+    """The scale of cos and sin (so of q.k by its square): LongRoPE's sqrt(1 + ln(s) / ln(original
+    context)), s = the context's stretch; YaRN's mscale (DeepSeek's: the ratio of two); 1 for
+    every other scheme."""
+    sc = cfg.rope_scaling or {}
+    if cfg.rope_kind in ("longrope", "yarn") and sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+    if cfg.rope_kind == "yarn":
+        if sc.get("mscale") and sc.get("mscale_all_dim"):
+            return _yarn_mscale(sc["factor"], sc["mscale"]) / _yarn_mscale(sc["factor"], sc["mscale_all_dim"])
+        return _yarn_mscale(sc["factor"])
     if cfg.rope_kind != "longrope":
         return 1.0
-    sc = cfg.rope_scaling
-    if sc.get("attention_factor") is not None:
-        return float(sc["attention_factor"])
     original = sc["original_max_position_embeddings"]
     stretch = sc.get("factor") or cfg.max_seq_len / original
     return 1.0 if stretch <= 1.0 else math.sqrt(1 + math.log(stretch) / math.log(original))
@@ -214,8 +272,9 @@ class KVCache:
 
     def __init__(self, cfg: Config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (batch_size, cfg.n_kv_heads, max_len + 1, cfg.head_dim)
+        vshape = shape[:-1] + (cfg.value_dim,)  # (MLA's values are narrower than its keys)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(vshape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
         self.batch_size = batch_size
@@ -238,24 +297,62 @@ class KVCache:
             self.lengths[torch.as_tensor(rows, device=self.lengths.device)] = 0
 
 
+def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on adjacent pairs (x0, x1), (x2, x3), ... as DeepSeek's checkpoints turn them
+    (`apply_rope` turns the halves); cos/sin as `rope_cos_sin` makes them."""
+    half = x.shape[-1] // 2
+    c, s = cos[:, None, :, :half], sin[:, None, :, :half]
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack((a * c - b * s, a * s + b * c), -1).flatten(-2)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config, layer: int = 0):
         super().__init__()
         self.cfg = cfg
         self.rope = cfg.uses_rope(layer)
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=cfg.attn_out_bias)
+        if cfg.kv_lora_rank:
+            self._latent_projections(cfg)
+        else:
+            self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.attention_bias)
+            self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
+            self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.value_dim, cfg.d_model, bias=cfg.attn_out_bias)
         if cfg.qk_norm:
             self.q_norm = norm(cfg, hd * (cfg.n_heads if cfg.qk_norm_whole else 1))
             self.k_norm = norm(cfg, hd * (cfg.n_kv_heads if cfg.qk_norm_whole else 1))
 
-    def forward(self, x, cos, sin, mask, layer_cache=None):
-        """x [B, T, C]; mask: bool [B, 1, T, S] (True = may attend) or None for plain causal."""
-        B, T, _ = x.shape
+    def _latent_projections(self, cfg: Config) -> None:
+        """MLA's (DeepSeek-V2's names): the latents' norms use DeepSeek's fixed epsilon."""
+        H, hd = cfg.n_heads, cfg.head_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * hd, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.d_model, H * hd, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.d_model, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.value_dim), bias=False)
+
+    def _latent_qkv(self, x, cos, sin):
+        """MLA's queries, keys and values, every head's [B, H, T, *]: keys and values expanded
+        from the latent, one turned key part shared by the heads."""
         cfg = self.cfg
+        B, T, _ = x.shape
+        H, nope, rope = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if cfg.q_lora_rank else self.q_proj(x)
+        q_nope, q_pe = q.view(B, T, H, cfg.head_dim).transpose(1, 2).split([nope, rope], -1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, rope], -1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, T, H, nope + cfg.value_dim).transpose(1, 2)
+        k_nope, v = kv.split([nope, cfg.value_dim], -1)
+        k_pe = apply_rope_pairs(k_pe[:, None], cos, sin).expand(B, H, T, rope)
+        return torch.cat([q_nope, apply_rope_pairs(q_pe, cos, sin)], -1), torch.cat([k_nope, k_pe], -1), v
+
+    def _qkv(self, x, cos, sin):
+        cfg = self.cfg
+        B, T, _ = x.shape
         q, k = self.q_proj(x), self.k_proj(x)
         if cfg.qk_norm and cfg.qk_norm_whole:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -267,14 +364,36 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         if self.rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def qkv(self, x, cos, sin):
+        """Queries [B, H, T, D] and keys and values [B, KV, T, D], positions applied (what the
+        cache keeps); `lmforge.inspect.attention` recomputes the scores from them."""
+        return self._latent_qkv(x, cos, sin) if self.cfg.kv_lora_rank else self._qkv(x, cos, sin)
+
+    @property
+    def scale(self) -> float:
+        """The scores' scale: 1/sqrt(head width, or Gemma's query_pre_attn_scalar); MLA with YaRN
+        also folds the square of DeepSeek's `mscale_all_dim` into it, over every dimension."""
+        cfg = self.cfg
+        scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        sc = cfg.rope_scaling or {}
+        if cfg.kv_lora_rank and cfg.rope_kind == "yarn" and sc.get("mscale_all_dim"):
+            scale *= _yarn_mscale(sc["factor"], sc["mscale_all_dim"]) ** 2
+        return scale
+
+    def forward(self, x, cos, sin, mask, layer_cache=None):
+        """x [B, T, C]; mask: bool [B, 1, T, S] (True = may attend) or None for plain causal."""
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q, k, v = self.qkv(x, cos, sin)
         if layer_cache is not None:
             k, v = layer_cache(k, v)
         groups = cfg.n_heads // cfg.n_kv_heads
-        scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
         if cfg.attn_logit_softcap:  # soft-capped scores: SDPA cannot, so the attention is written out
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            s = softcap(q @ k.transpose(-1, -2) * (scale or cfg.head_dim ** -0.5), cfg.attn_logit_softcap)
+            s = softcap(q @ k.transpose(-1, -2) * self.scale, cfg.attn_logit_softcap)
             if mask is None and T > 1:
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             if mask is not None:
@@ -282,9 +401,9 @@ class Attention(nn.Module):
             y = s.float().softmax(-1).to(q.dtype) @ v
         else:
             # grouped-query attention without copying K/V once per query head
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=scale,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=self.scale,
                                                enable_gqa=groups > 1)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.value_dim))
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -308,9 +427,10 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def make_mlp(cfg: Config) -> nn.Module:
-    """The feed-forward block a layer gets: dense SwiGLU, or routed experts when configured."""
-    if cfg.is_moe:
+def make_mlp(cfg: Config, layer: int = 0) -> nn.Module:
+    """The feed-forward block a layer gets: dense SwiGLU, or routed experts when configured
+    (past DeepSeek's first dense layers)."""
+    if cfg.is_moe and layer >= cfg.moe_first_dense:
         from lmforge.moe import MoE  # the MoE block lives beside the trainer's routing logic
 
         return MoE(cfg)
@@ -335,7 +455,7 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = norm(cfg)
         if self.sandwich or self.post:
             self.post_feedforward_layernorm = norm(cfg)
-        self.mlp = make_mlp(cfg)
+        self.mlp = make_mlp(cfg, layer)
 
     def forward(self, x, cos, sin, mask, layer_cache=None):
         if self.post:  # OLMo 2
@@ -413,11 +533,11 @@ class Transformer(nn.Module):
     def _rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for `positions`; LongRoPE switches to its long factors once a position passes
         the original context (as transformers does, for the whole call) and scales both."""
-        if self.cfg.rope_kind != "longrope":
-            return rope_cos_sin(self.inv_freq, positions, dtype)
-        long = int(positions.max()) + 1 > self.cfg.rope_scaling["original_max_position_embeddings"]
-        inv = rope_inv_freq(self.cfg, long).to(self.inv_freq.device) if long else self.inv_freq
         f = rope_attention_factor(self.cfg)
+        if self.cfg.rope_kind != "longrope" and f == 1.0:
+            return rope_cos_sin(self.inv_freq, positions, dtype)
+        long = self.cfg.rope_kind == "longrope" and int(positions.max()) + 1 > self.cfg.rope_scaling["original_max_position_embeddings"]
+        inv = rope_inv_freq(self.cfg, long).to(self.inv_freq.device) if long else self.inv_freq
         cos, sin = rope_cos_sin(inv, positions, torch.float32)
         return (cos * f).to(dtype), (sin * f).to(dtype)
 

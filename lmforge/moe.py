@@ -49,8 +49,10 @@ class MoE(nn.Module):
         self.gate = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = nn.ModuleList(MLP(cfg.d_model, d_ff, cfg.mlp_bias) for _ in range(cfg.n_experts))
         if cfg.n_shared_experts > 0:
-            self.shared_expert = MLP(cfg.d_model, cfg.d_ff * cfg.n_shared_experts, cfg.mlp_bias)
-            self.shared_expert_gate = nn.Linear(cfg.d_model, 1, bias=False)
+            self.shared_expert = MLP(cfg.d_model, cfg.moe_shared_d_ff or cfg.d_ff * cfg.n_shared_experts, cfg.mlp_bias)
+            if cfg.moe_shared_gate:  # Qwen2-MoE gates it; DeepSeek's shared experts always add in full
+                self.shared_expert_gate = nn.Linear(cfg.d_model, 1, bias=False)
+        self.routed_scale, self.groups = cfg.moe_routed_scale, cfg.moe_groups
         self.aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
         self.last_dropped: float = 0.0
@@ -58,10 +60,20 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor):
         """x [N, D] -> (probs [N, E] fp32, top-k weights [N, k] fp32, top-k expert ids [N, k])."""
         probs = F.softmax(self.gate(x).float(), dim=-1)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights, ids = torch.topk(self._best_groups(probs), self.top_k, dim=-1)
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return probs, weights, ids
+        return probs, weights * self.routed_scale, ids
+
+    def _best_groups(self, probs: torch.Tensor) -> torch.Tensor:
+        """DeepSeek's group-limited routing: experts outside the `topk_group` groups whose best
+        expert scores highest are out of the running (their probabilities zeroed)."""
+        if self.groups is None:
+            return probs
+        n_group, topk_group = self.groups
+        best = probs.view(probs.shape[0], n_group, -1).max(-1).values
+        keep = torch.zeros_like(best).scatter_(1, torch.topk(best, topk_group, dim=-1).indices, 1.0)
+        return probs * keep.repeat_interleave(self.n_experts // n_group, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -100,8 +112,10 @@ class MoE(nn.Module):
             tok = flat_t[sel]
             y = self.experts[e](x[tok]) * flat_w[sel, None]
             out.index_add_(0, tok, y.to(out.dtype))
-        if hasattr(self, "shared_expert"):
+        if hasattr(self, "shared_expert_gate"):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        elif hasattr(self, "shared_expert"):
+            out = out + self.shared_expert(x)
         return out.reshape(shape)
 
 
@@ -149,13 +163,15 @@ def hf_state_to_lmforge(state: dict, cfg: Config) -> dict:
                 for e in range(t.shape[0]):
                     out[f"{prefix}.mlp.experts.{e}.down_proj.weight"] = t[e]
             continue
-        out[key] = t
+        out[key.replace(".mlp.shared_experts.", ".mlp.shared_expert.")] = t  # DeepSeek's plural
     return out
 
 
 def lmforge_state_to_hf(state: dict, cfg: Config) -> dict:
     """Our names -> Mixtral's per-expert keys, or the Qwen MoE names ours already are (Qwen2-MoE:
     a shared expert; Qwen3-MoE: q/k norms)."""
+    if cfg.kv_lora_rank:  # DeepSeek-V2: per-expert keys (transformers fuses them on load), its plural shared name
+        return {k.replace(".mlp.shared_expert.", ".mlp.shared_experts."): t for k, t in state.items()}
     if cfg.n_shared_experts > 0 or cfg.qk_norm:
         return dict(state)
     out = {}

@@ -98,6 +98,36 @@ def qwen2_moe():
     return sharpen(randomize_norms(transformers.Qwen2MoeForCausalLM(cfg).eval()))
 
 
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 8,
+        "beta_slow": 1}
+
+
+def llama_yarn():
+    """LLaMA layers with YaRN (Qwen2.5's long-context setting): frequencies blended between kept
+    and interpolated over a ramp, cos and sin scaled by YaRN's mscale."""
+    cfg = transformers.LlamaConfig(vocab_size=256, head_dim=16, rope_parameters=YARN, **SIZES)
+    torch.manual_seed(12)
+    return sharpen(transformers.LlamaForCausalLM(cfg).eval())
+
+
+def deepseek_v2(q_lora_rank=None, method="greedy", rope=None):
+    """DeepSeek-V2: multi-head latent attention (keys and values from a latent, a RoPE part turned
+    in adjacent pairs, values narrower than keys), a dense first layer, then routed experts whose
+    weights are scaled and never renormalized, ungated shared experts, group-limited routing."""
+    cfg = transformers.DeepseekV2Config(vocab_size=256, kv_lora_rank=32, q_lora_rank=q_lora_rank, qk_nope_head_dim=16,
+                                        qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2,
+                                        n_shared_experts=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                                        routed_scaling_factor=1.5, topk_method=method, n_group=2, topk_group=1,
+                                        **({"rope_parameters": rope} if rope else {}), **{**SIZES, "num_key_value_heads": 4})
+    torch.manual_seed(11)
+    ref = transformers.DeepseekV2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # a router and experts far from zero, so routing mistakes show
+        for n, p in ref.named_parameters():
+            if p.dim() == 3 or n.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.2)
+    return sharpen(randomize_norms(ref))
+
+
 def gemma2():
     """Gemma 2: GeGLU, (1 + w) norms before and after attention and MLP, scaled embeddings,
     soft-capped scores (low caps, so they bite) and logits, local/global layers, its own scale."""
@@ -154,7 +184,11 @@ def gpt2():
 
 
 FAMILIES = {"llama3.1": llama31, "mistral-window-8": mistral, "qwen2-mixed-windows": qwen2_mixed_windows, "qwen3": qwen3, "qwen3-moe": qwen3_moe,
-            "gemma2": gemma2, "gemma3": gemma3, "phi3": phi3, "olmo2": olmo2, "smollm3": smollm3, "gpt2": gpt2}
+            "gemma2": gemma2, "gemma3": gemma3, "phi3": phi3, "olmo2": olmo2, "smollm3": smollm3, "gpt2": gpt2,
+            "llama-yarn": llama_yarn, "deepseek-v2-moe": deepseek_v2,
+            # V2-Lite's YaRN: DeepSeek's mscale and mscale_all_dim, the latter also in the scores' scale
+            "deepseek-v2-moe-q-latent-groups-yarn": lambda: deepseek_v2(24, "group_limited_greedy",
+                                                                         {**YARN, "mscale": 0.707, "mscale_all_dim": 0.8})}
 DENSE = [f for f in FAMILIES if "moe" not in f]  # PEFT cannot target transformers-5's fused expert weights
 # with the default tokenizer's vocabulary, for GGUF files (a GGUF carries its tokenizer)
 GGUF_FAMILIES = {"mistral-window-5": lambda: mistral(window=5, vocab=49152, tie_word_embeddings=True),
@@ -304,7 +338,11 @@ def test_our_lora_adapter_loads_in_peft_with_equal_outputs(family, tmp_path):
                                          ("mistral-window-8", "sliding-window attention (8 positions, every layer)"),
                                          ("qwen2-mixed-windows", "sliding-window attention (6 positions, 2 of 3 layers); q/k/v biases"),
                                          ("gemma2", "family:      Gemma 2: grouped-query attention (4 query heads, 2 key/value heads); "
-                                                    "sliding-window attention (6 positions, 2 of 3 layers); norms before and after")])
+                                                    "sliding-window attention (6 positions, 2 of 3 layers); norms before and after"),
+                                         ("deepseek-v2-moe-q-latent-groups-yarn",
+                                          "family:      DeepSeek-V2: multi-head latent attention (keys and values from a 32-wide latent, "
+                                          "queries from a 24-wide latent; RoPE on 8 of 24 key dimensions); RoPE scaling yarn; mixture of "
+                                          "experts (4 experts, top-2 + 2 shared; the first 1 layers dense)")])
 def test_info_names_the_family_and_its_features(family, says, tmp_path, capsys):
     from conftest import run_cli
 
@@ -387,3 +425,18 @@ def test_llama_cpp_runs_our_qwen3_gguf(tmp_path, tokenizer):
     ids = tokenizer.encode("The quick brown fox jumps over the lazy dog", add_bos=False)
     theirs, mine = llama_and_lmforge_greedy(py, path, ids, 8)
     assert len(theirs) >= 4 and theirs == mine
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_maps_rebuild_the_layers_output(family):
+    """`lmforge inspect attention` recomputes each layer's probabilities from the layer's own
+    queries and keys (q/k norms, NoPE layers, soft-caps, windows shorter than the prompt, MLA's
+    latents): rebuilt from them, the attention output is what the layer computed."""
+    from lmforge.inspect.attention import attention_maps
+
+    ours = _ours_from(FAMILIES[family]())
+    ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(5)).tolist()
+    for layer in range(ours.cfg.n_layers):
+        res = attention_maps(ours, ids, layer)
+        assert torch.allclose(res.output, res.real_output, atol=1e-4), (family, layer)
+        assert torch.allclose(res.probs.sum(-1), torch.ones(res.probs.shape[:2]), atol=1e-5)

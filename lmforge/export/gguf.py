@@ -131,6 +131,8 @@ def unsupported_reason(cfg) -> str | None:
     """Why a model with this config cannot be written as GGUF (None when it can); also what
     `lmforge info` says. Each family is checked against what llama.cpp's architecture for it
     computes, so that a file it writes runs there as it runs here."""
+    if cfg.kv_lora_rank:
+        return "GGUF export: DeepSeek-V2's multi-head latent attention (llama.cpp's deepseek2) is not supported yet"
     arch = maps.arch_of(cfg)
     if (cfg.mlp_bias or cfg.attn_out_bias) and arch != "gpt2":
         return "GGUF export: MLP or attention-output biases outside GPT-2 match no llama.cpp architecture"

@@ -172,8 +172,10 @@ def unsupported_config(cfg) -> str | None:
     what `lmforge info` says."""
     if cfg.is_moe:
         return "mixture-of-experts model"
-    if cfg.rope_kind == "longrope":
-        return "LongRoPE scaling (the general engine runs it)"
+    if cfg.kv_lora_rank:
+        return "multi-head latent attention (the general engine runs it)"
+    if cfg.rope_kind in ("longrope", "yarn"):
+        return f"{'LongRoPE' if cfg.rope_kind == 'longrope' else 'YaRN'} scaling (the general engine runs it)"
     if cfg.post_norms or cfg.qk_norm_whole:
         return "OLMo 2-style norms (the general engine runs them)"
     if cfg.norm_kind != "rms" or cfg.learned_positions or not cfg.gated_mlp or cfg.attn_out_bias:

@@ -4,7 +4,8 @@ real inputs.
 The model calls `F.scaled_dot_product_attention`, which never materialises the probabilities.
 A forward pre-hook on `model.model.layers[L].self_attn` captures what the attention module
 receives (the normed residual stream and RoPE cos/sin); the probabilities are recomputed from
-its own q/k projections with `lmforge.model.apply_rope`. `attention_maps` also returns the
+its own queries and keys (`Attention.qkv`: norms, positions, MLA's latents as the layer computes
+them), soft-cap and window included. `attention_maps` also returns the
 attention output rebuilt from those probabilities (`o_proj(P @ V)`), which a test checks
 against the module's real output, so the picture shows what the model actually computed.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.model import apply_rope
+from lmforge.model import softcap
 
 
 @dataclass
@@ -53,16 +54,16 @@ def attention_maps(model, ids: list[int], layer: int, tokenizer=None) -> Attenti
     cfg = model.cfg
     x, cos, sin = seen["x"], seen["cos"], seen["sin"]
     B, T, _ = x.shape
-    q = attn.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = attn.qkv(x, cos, sin)  # the module's own queries and keys (norms, positions, latents)
     groups = cfg.n_heads // cfg.n_kv_heads
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(cfg.head_dim)
+    scores = softcap((q.float() @ k.float().transpose(-1, -2)) * attn.scale, cfg.attn_logit_softcap)
     causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
+    window = cfg.window(layer)
+    if window:  # a sliding layer's query sees its last `window` keys
+        causal &= torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(-(window - 1))
     probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # [1, H, T, T]
-    y = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)
+    y = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.value_dim)
     out = attn.o_proj(y)
     tokens = [tokenizer.decode([i]) for i in ids] if tokenizer is not None else [str(i) for i in ids]
     return AttentionResult(probs=probs[0].cpu(), output=out[0].float().cpu(), real_output=seen["out"][0].float().cpu(),

@@ -12,7 +12,8 @@ from lmforge.errors import LmforgeError
 from lmforge.loading.state_maps import join_fused, lmforge_state_to_gpt2
 from lmforge.model import Config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "olmo2", "smollm3", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "olmo2",
+                         "smollm3", "gpt2", "deepseek_v2")
 GEMMA = ("gemma2", "gemma3_text")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 # lmforge-only MoE settings kept in config.json["lmforge"]; n_shared_experts is not: the HF config says it
@@ -68,8 +69,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in ("linear", "llama3", "default", "longrope", "su"):
-            raise LmforgeError(f"unsupported rope scaling '{kind}' in {where} (supported: linear, llama3, longrope)")
+        if kind not in ("linear", "llama3", "default", "longrope", "su", "yarn"):
+            raise LmforgeError(f"unsupported rope scaling '{kind}' in {where} (supported: linear, llama3, longrope, yarn)")
         scaling = None if kind == "default" else _longrope(dict(scaling), hf, where) if kind in ("longrope", "su") else dict(scaling)
     if float((hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
         raise LmforgeError(f"unsupported in {where}: partial_rotary_factor (RoPE on part of each head)")
@@ -91,6 +92,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
                    moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
         if hf.get("shared_expert_intermediate_size"):  # the shared expert's width is d_ff * n_shared_experts
             hf = dict(hf, intermediate_size=hf["shared_expert_intermediate_size"])
+    elif mtype == "deepseek_v2":
+        moe = _deepseek(hf, where)
     lm_extra = hf.get("lmforge", {})
     for k in MOE_FIELDS:
         if k in lm_extra:
@@ -125,6 +128,45 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         extra={"source_format": "hf", "model_type": mtype},
         **moe,
     )
+
+
+def _deepseek(hf: dict, where: str) -> dict:
+    """DeepSeek-V2: multi-head latent attention, and its MoE (dense first layers, top-k weights
+    scaled and never renormalized, shared experts without a gate, optionally group-limited)."""
+    method = hf.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise LmforgeError(f"unsupported in {where}: topk_method '{method}' (greedy, group_limited_greedy)")
+    if int(hf.get("moe_layer_freq", 1)) != 1:
+        raise LmforgeError(f"unsupported in {where}: moe_layer_freq (MoE in every layer past first_k_dense_replace)")
+    out = dict(kv_lora_rank=_int(hf, "kv_lora_rank", where, high=1 << 16),
+               q_lora_rank=_int(hf, "q_lora_rank", where, high=1 << 16) if hf.get("q_lora_rank") else None,
+               qk_nope_head_dim=_int(hf, "qk_nope_head_dim", where, high=1 << 12),
+               qk_rope_head_dim=_int(hf, "qk_rope_head_dim", where, high=1 << 12),
+               v_head_dim=_int(hf, "v_head_dim", where, high=1 << 12))
+    if not hf.get("n_routed_experts"):
+        return out
+    shared, width = _int(hf, "n_shared_experts", where, 0, low=0), _int(hf, "moe_intermediate_size", where, high=1 << 22)
+    groups = (_int(hf, "n_group", where), _int(hf, "topk_group", where)) if method == "group_limited_greedy" else None
+    return dict(out, n_experts=_int(hf, "n_routed_experts", where, high=1 << 16), moe_d_ff=width,
+                n_experts_per_token=_int(hf, "num_experts_per_tok", where, 2), n_shared_experts=shared,
+                moe_shared_d_ff=width * shared if shared else None, moe_shared_gate=False, moe_norm_topk_prob=False,
+                moe_routed_scale=_float(hf, "routed_scaling_factor", where, 1.0), moe_groups=groups,
+                moe_first_dense=_int(hf, "first_k_dense_replace", where, 0, low=0))
+
+
+def _deepseek_to_hf(cfg: Config) -> dict:
+    out = dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", kv_lora_rank=cfg.kv_lora_rank,
+               q_lora_rank=cfg.q_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+               v_head_dim=cfg.value_dim, head_dim=cfg.qk_rope_head_dim, num_key_value_heads=cfg.n_heads)
+    if not cfg.is_moe:
+        return dict(out, n_routed_experts=None, first_k_dense_replace=cfg.n_layers)
+    if cfg.moe_norm_topk_prob or cfg.moe_shared_gate and cfg.n_shared_experts:
+        raise LmforgeError("a DeepSeek-V2 config keeps the top-k router weights as they are and has no shared-expert gate")
+    groups = cfg.moe_groups
+    return dict(out, n_routed_experts=cfg.n_experts, num_experts_per_tok=cfg.n_experts_per_token, moe_intermediate_size=cfg.moe_d_ff,
+                n_shared_experts=cfg.n_shared_experts, routed_scaling_factor=cfg.moe_routed_scale,
+                first_k_dense_replace=cfg.moe_first_dense, topk_method="group_limited_greedy" if groups else "greedy",
+                n_group=groups[0] if groups else None, topk_group=groups[1] if groups else None, norm_topk_prob=False)
 
 
 def _sliding_window(hf: dict, mtype: str, where: str) -> tuple[int | None, list[str] | None]:
@@ -294,6 +336,11 @@ def config_to_hf(cfg: Config) -> dict:
     if cfg.sandwich_norms:
         hf.update(_gemma_to_hf(cfg))
         hf.pop("hidden_act")
+        return hf
+    if cfg.kv_lora_rank:
+        if cfg.n_shared_experts and cfg.moe_shared_d_ff is None:
+            raise LmforgeError("a DeepSeek-V2 config needs the shared experts' width (moe_shared_d_ff)")
+        hf.update(_deepseek_to_hf(cfg))
         return hf
     if cfg.qk_norm and cfg.is_moe:
         if cfg.n_shared_experts:
