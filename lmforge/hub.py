@@ -167,7 +167,8 @@ def pull_hf(model_id: str, dest: Path, revision: str = "main", force: bool = Fal
         else:
             http_pull(model_id, revision, dest, progress)
     except (urllib.error.URLError, OSError) as e:
-        raise LmforgeError(f"could not download {model_id} from the Hugging Face Hub: {e}") from None
+        why = " ".join(str(e).split())  # huggingface_hub's messages run over several lines
+        raise LmforgeError(f"could not download {model_id} from the Hugging Face Hub: {why[:300]}") from None
     if not complete(dest):
         raise LmforgeError(f"{model_id}: the download has no config.json or misses weight shards")
     return dest
