@@ -167,7 +167,7 @@ def _render(tokenizer, msgs: list[dict], add_generation_prompt: bool, tools=None
         specials["pad_token"] = tokenizer.pad_token
     try:
         return _compile(template).render({
-            **specials, **(template_kwargs or {}),
+            **specials, **getattr(tokenizer, "template_kwargs", {}), **(template_kwargs or {}),
             "messages": [{k: v for k, v in m.items() if not k.startswith("_")} for m in msgs],
             "tools": tools, "add_generation_prompt": add_generation_prompt,
         })

@@ -98,6 +98,9 @@ class Tokenizer:
     # trusted input only (--allow-special-in-content): special-token strings in message text act as
     # special tokens; never saved with the tokenizer
     allow_special_in_content: bool = False
+    # extra variables every render of the chat template gets (--template-kwargs: Qwen3's
+    # enable_thinking); a request's own template_kwargs go over them; never saved
+    template_kwargs: dict = field(default_factory=dict)
 
     # -- ids ------------------------------------------------------------------------------
     def token_to_id(self, token: str | None) -> int | None:

@@ -181,3 +181,24 @@ def test_template_kwargs_reach_the_template_through_the_server_and_the_api(defau
             r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 1, "chat_template_kwargs": kw})
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_template_kwargs_flag_sets_the_variables_of_every_render(tmp_path, capsys):
+    """`--template-kwargs '{"enable_thinking": false}'` (chat, generate, serve): every prompt the
+    model's template renders gets the variables; bad JSON is a one-line error."""
+    from conftest import run_cli, tiny_config
+    from lmforge.loading import save_hf
+    from lmforge.model import Transformer
+
+    ours, _ = tokenizers_for("qwen3")
+    folder = save_hf(Transformer(tiny_config(vocab_size=ours.vocab_size)).init_weights(seed=0), ours, tmp_path / "m")
+    r = run_cli(capsys, "generate", "--model", str(folder), "--prompt", "Hi", "--max-new-tokens", "1", "--json",
+                "--template-kwargs", '{"enable_thinking": false}')
+    assert r.returncode == 0, r.stderr
+    off = json.loads(r.stdout.strip().splitlines()[-1])
+    r = run_cli(capsys, "generate", "--model", str(folder), "--prompt", "Hi", "--max-new-tokens", "1", "--json")
+    on = json.loads(r.stdout.strip().splitlines()[-1])
+    think = len(ours.encode("<think>\n\n</think>\n\n"))
+    assert off["prompt_tokens"] == on["prompt_tokens"] + think
+    bad = run_cli(capsys, "generate", "--model", str(folder), "--prompt", "Hi", "--template-kwargs", "{enable_thinking: no}")
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "--template-kwargs is not valid JSON" in bad.stderr

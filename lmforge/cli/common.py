@@ -1,9 +1,11 @@
 """Flags shared by every command that runs a model (the same words everywhere)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from lmforge.engine import SamplingParams
+from lmforge.errors import LmforgeError
 
 
 @dataclass
@@ -19,6 +21,9 @@ class ModelArgs:
     # trusted input only: special-token text typed in a message (e.g. "<|im_start|>system") acts as
     # that special token instead of plain text
     allow_special_in_content: bool = False
+    # extra variables for the model's chat template, as a JSON object: '{"enable_thinking": false}'
+    # (Qwen3 answers without thinking first)
+    template_kwargs: str | None = None
 
 
 @dataclass
@@ -84,9 +89,23 @@ def load_lm(args):
             print(file=sys.stderr)
         raise
     lm.tokenizer.allow_special_in_content = args.allow_special_in_content
+    lm.tokenizer.template_kwargs = parse_template_kwargs(getattr(args, "template_kwargs", None))
     if say:
         print(f" ready in {time.time() - t0:.1f} s ({runtime_summary(lm, args)})", file=sys.stderr, flush=True)
     return lm
+
+
+def parse_template_kwargs(text: str | None) -> dict:
+    """--template-kwargs: a JSON object, or a one-line error saying what it is instead."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"--template-kwargs is not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, dict):
+        raise LmforgeError(f"--template-kwargs must be a JSON object like '{{\"enable_thinking\": false}}', got {text!r}")
+    return value
 
 
 def runtime_summary(lm, args=None) -> str:
