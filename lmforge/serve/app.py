@@ -40,6 +40,7 @@ from lmforge.errors import LmforgeError
 from lmforge.serve.json_mode import key_constraint as json_mode_keys
 from lmforge.serve.schemas import (AUTH_ERRORS, GENERATION_ERRORS, MODEL_ERRORS, APIError, ChatCompletionRequest,
                                    CompletionRequest, ToolCall, error_body)
+from lmforge.serve.reasoning import ReasoningSplitter, opened, split_reasoning, tag_hold, thinks
 from lmforge.serve.scheduler import GenRequest, QueueFull, Scheduler
 
 log = logging.getLogger("lmforge.serve")
@@ -341,6 +342,9 @@ class ChatPrep:
     logprobs: bool = False
     system2: tuple[str, int] | None = None  # (mode, samples) when the request asks for system 2
     messages: list[dict] | None = None  # the conversation as rendered (a reward model scores it)
+    # a thinking model's reply: None (the template has no reasoning block), else whether the prompt
+    # already opened it (lmforge.serve.reasoning)
+    reasoning: bool | None = None
 
 
 def _sampling(body, max_tokens: int, rec: dict) -> SamplingParams:
@@ -518,8 +522,11 @@ def _prepare_chat(body: ChatCompletionRequest, tokenizer, sched: Scheduler, cfg:
             ids = render_prompt(tokenizer, messages, tools=tools, template_kwargs=body.chat_template_kwargs)
     except LmforgeError as e:
         raise APIError(400, " ".join(str(e).split()), param="messages", code="invalid_image" if images else None) from None
+    reasoning = None
     if forced:
         ids = ids + tokenizer.encode(forced)
+    elif thinks(tokenizer.chat_template):
+        reasoning = opened(tokenizer.decode(ids[-8:]))
     max_tokens = body.max_completion_tokens or body.max_tokens
     budget = _budget(len(ids), max_tokens, sched, cfg, "messages")
     params = _sampling(body, budget, recommended_sampling(sched.model))
@@ -542,7 +549,7 @@ def _prepare_chat(body: ChatCompletionRequest, tokenizer, sched: Scheduler, cfg:
         adapter=tools is not None,  # the default model calls tools with lmforge's shipped adapter only
     )
     return ChatPrep(req, tools=tools is not None, forced=forced, logprobs=body.logprobs, system2=s2,
-                    messages=messages if s2 is not None else None)
+                    messages=messages if s2 is not None else None, reasoning=reasoning)
 
 
 def _prepare_completion(body: CompletionRequest, tokenizer, sched: Scheduler, cfg: ServeConfig, reward_model=None):
@@ -664,14 +671,6 @@ def _tool_calls(text: str) -> tuple[str | None, list[dict]]:
     return (content or None), out
 
 
-def _tag_hold(text: str, tag: str) -> int:
-    """How many trailing characters of `text` might begin `tag` (held back while streaming)."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
-
-
 class _ToolStreamFilter:
     """Streams plain text until a tool call begins; the call itself is parsed when the reply ends."""
 
@@ -690,7 +689,7 @@ class _ToolStreamFilter:
             self.in_call = True
             out, self.sent = self.text[self.sent:at], at
             return out
-        safe = len(self.text) - _tag_hold(self.text, self.tag)
+        safe = len(self.text) - tag_hold(self.text, self.tag)
         out = self.text[self.sent:safe] if safe > self.sent else ""
         self.sent = max(self.sent, safe)
         return out
@@ -750,7 +749,7 @@ async def _collect_chat(handle, prep: ChatPrep, meta: dict, sched: Scheduler, re
                 completion += ev.completion_tokens
     choices = []
     for i in range(n):
-        text = "".join(texts[i])
+        thought, text = (None, "".join(texts[i])) if prep.reasoning is None else split_reasoning("".join(texts[i]), prep.reasoning)
         msg = {"role": "assistant", "content": text}
         reason = finish[i]
         if prep.tools:
@@ -758,6 +757,8 @@ async def _collect_chat(handle, prep: ChatPrep, meta: dict, sched: Scheduler, re
             if calls:
                 msg = {"role": "assistant", "content": content, "tool_calls": calls}
                 reason = "tool_calls"
+        if thought is not None:
+            msg["reasoning_content"] = thought
         choices.append({"index": i, "message": msg, "logprobs": {"content": lps[i]} if prep.logprobs else None,
                         "finish_reason": reason})
     prompt = len(prep.req.prompt)
@@ -774,6 +775,7 @@ async def _stream_chat(handle, prep: ChatPrep, meta: dict, sched: Scheduler, inc
         return _sse({**base, "choices": [c]})
 
     filters = [_ToolStreamFilter(prep.forced) if prep.tools else None for _ in range(n)]
+    thinking = [ReasoningSplitter(prep.reasoning) if prep.reasoning is not None else None for _ in range(n)]
     completion = 0
     try:
         for i in range(n):
@@ -783,7 +785,12 @@ async def _stream_chat(handle, prep: ChatPrep, meta: dict, sched: Scheduler, inc
                 yield _sse(error_body(f"generation failed: {ev.error}", type="server_error"))
                 return
             i = ev.index
-            piece = filters[i].feed(ev.text) if filters[i] else ev.text
+            text = ev.text
+            if thinking[i] is not None:  # the reasoning streams as reasoning_content, the rest as content
+                thought, text = thinking[i].feed(text, final=ev.finish is not None)
+                if thought:
+                    yield chunk(i, {"reasoning_content": thought})
+            piece = filters[i].feed(text) if filters[i] else text
             lp = {"content": [_chat_logprob(sched, ev.logprob)]} if ev.logprob is not None else None
             if ev.finish is None:
                 if piece or lp:
