@@ -107,3 +107,37 @@ def test_a_prompt_that_opens_the_block_and_a_template_without_one(model_and_tok,
     with _client(model_and_tok, plain, "<think>x</think> y", monkeypatch) as c:
         msg = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
         assert msg["content"] == "<think>x</think> y" and "reasoning_content" not in msg
+
+
+def test_the_web_page_folds_the_reasoning_above_the_answer(model_and_tok, monkeypatch):
+    """In headless Chromium: the reasoning streams into a folded "Thinking…" box above the
+    answer, stays after a reload, and is not sent back with the next turn."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from conftest import live_server
+    from lmforge.serve import ServeConfig, create_app
+    from test_serve_live import _browser
+    from test_vision_page import _ask_and_wait, _open
+
+    model, tok = model_and_tok
+    app = create_app(model, replace(tok, chat_template=QWEN3), ServeConfig(slots=2, ctx=512))
+    monkeypatch.setattr(app.state.scheduler, "submit", _fixed_reply("<think>\nThe capital of France.\n</think>\n\nParis."))
+    with live_server(app) as url:
+        d = _browser()
+        try:
+            _open(d, url)  # (a short max_tokens: the tiny model's context is 512)
+            d.execute_script("""window.__bodies = []; const f = window.fetch;
+                window.fetch = (u, o) => { if (String(u).includes('chat/completions')) window.__bodies.push(o.body); return f(u, o); };""")
+            reply = _ask_and_wait(d, "Capital of France?")
+            assert reply.get_attribute("data-raw") == "Paris.", reply.text
+            box = reply.find_element(By.CSS_SELECTOR, "details.thinking")
+            assert box.get_attribute("open") is None  # folded
+            assert d.execute_script("return arguments[0].querySelector('.thought').textContent", box) == "The capital of France."
+            _ask_and_wait(d, "And Italy?")
+            sent = json.loads(d.execute_script("return window.__bodies[1]"))["messages"]
+            assert sent[1] == {"role": "assistant", "content": "Paris."}  # no reasoning goes back
+            d.refresh()
+            WebDriverWait(d, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant details.thinking")) == 2)
+        finally:
+            d.quit()

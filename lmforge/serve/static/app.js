@@ -238,10 +238,26 @@ function setContent(div, text) {
 // turn its text and the figures the server sent (PNG data: URLs only, put in <img> by the DOM).
 function messageFor(m) {
   const div = messageElement(m.role, m.content || "", m.note);
+  if (m.role === "assistant" && m.reasoning) setThought(div, m.reasoning, false);
   if (m.role === "user" && m.image) addThumb(div, m.image);
   if (m.role === "assistant" && m.tool_calls && m.tool_calls.length) addCalls(div, m.tool_calls);
   if (m.role === "tool") addFigures(div, m.figures || []);
   return div;
+}
+
+// A thinking model's reasoning (the server's reasoning_content), folded above its answer: text
+// only, never rendered as markup; it is not sent back with the conversation.
+function setThought(div, text, live) {
+  let box = div.querySelector("details.thinking");
+  if (!box) {
+    box = document.createElement("details");
+    box.className = "thinking";
+    box.append(document.createElement("summary"), document.createElement("div"));
+    box.lastChild.className = "thought";
+    div.querySelector(".body").prepend(box);
+  }
+  box.querySelector("summary").textContent = live ? "Thinking…" : "Reasoning";
+  box.querySelector(".thought").textContent = text;
 }
 
 function addThumb(div, url) {
@@ -401,8 +417,13 @@ async function streamReply(conv, controller) {
   div.classList.add("streaming");
   box.append(div);
   box.scrollTop = box.scrollHeight;
-  let reply = "", note = "", failed = false, frame = 0, calls = [];
-  const paint = () => { frame = 0; setContent(div, reply); box.scrollTop = box.scrollHeight; };
+  let reply = "", thought = "", note = "", failed = false, frame = 0, calls = [];
+  const paint = () => {
+    frame = 0;
+    if (thought) setThought(div, thought, true);
+    setContent(div, reply);
+    box.scrollTop = box.scrollHeight;
+  };
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(requestBody(conv)), signal: controller.signal,
@@ -427,8 +448,9 @@ async function streamReply(conv, controller) {
           if (j.error) throw new Error(j.error.message);
           const ch = (j.choices || [])[0];
           if (!ch) continue;
-          if (ch.delta && ch.delta.content) {
-            reply += ch.delta.content;
+          if (ch.delta && (ch.delta.content || ch.delta.reasoning_content)) {
+            reply += ch.delta.content || "";
+            thought += ch.delta.reasoning_content || "";
             if (!frame) frame = requestAnimationFrame(paint);
           }
           for (const d of (ch.delta && ch.delta.tool_calls) || []) {  // OpenAI's pieces, joined by index
@@ -451,11 +473,13 @@ async function streamReply(conv, controller) {
   calls = calls.filter(Boolean);
   div.classList.remove("streaming");
   setContent(div, reply);
+  if (thought) setThought(div, thought, false);
   if (calls.length) addCalls(div, calls);
   if (note) addNote(div, note);
   if (failed && !reply) div.classList.add("error");
   if (reply || calls.length || !failed) {
-    conv.messages.push({ role: "assistant", content: reply, tool_calls: calls.length ? calls : undefined, note: note || undefined });
+    conv.messages.push({ role: "assistant", content: reply, tool_calls: calls.length ? calls : undefined, note: note || undefined,
+                         reasoning: thought || undefined });
   }
   saveConvs();
   return calls;
