@@ -420,17 +420,18 @@ def load_examples(data: str | Path, fmt: str = "auto", on_error: str = "fail", s
 
 
 def tokenize_examples(tokenizer, examples: list[Example], max_len: int, on_error: str = "fail",
-                      report: DataReport | None = None) -> tuple[list[tuple[list[int], list[int]]], DataReport]:
+                      report: DataReport | None = None, render=None) -> tuple[list[tuple], DataReport]:
     """(ids, loss_mask) per example through the one renderer; long ones are truncated and reported,
-    and one left with no assistant token is skipped or fails like any bad record."""
+    and one left with no assistant token is skipped or fails like any bad record. `render(example)
+    -> (ids, loss_mask, *more)` stands in for the text renderer (pictures: lmforge.vision.sft)."""
     from lmforge.chat import render_conversation
 
     report = report or DataReport(total=len(examples))
     rows = []
     for ex in examples:
         try:
-            ids, mask = render_conversation(tokenizer, ex.messages, tools=ex.tools)
-            rows.append(clip_row(ids, mask, max_len, ex.where, report))
+            ids, mask, *more = render(ex) if render else render_conversation(tokenizer, ex.messages, tools=ex.tools)
+            rows.append((*clip_row(ids, mask, max_len, ex.where, report), *more))
         except ImportError as e:  # tool calls render through lmforge.tools; not a data problem
             raise LmforgeError(f"{ex.where}: cannot render this conversation: {e}") from None
         except (RecordError, LmforgeError) as e:

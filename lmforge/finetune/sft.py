@@ -26,26 +26,12 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import LmforgeError
-from lmforge.finetune.targets import IGNORE, example_targets, lm_loss_sum  # noqa: F401 (IGNORE: this module's API too)
+from lmforge.finetune.targets import IGNORE, collate, example_targets, lm_loss_sum  # noqa: F401 (this module's API too)
 from lmforge.train.trainer import BatchSource, TrainConfig, resolve_device, to_device, unwrap
 
 
 
 # -- batches ----------------------------------------------------------------------------------
-def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, seq_len: int | None = None) -> dict:
-    """One example per row, right-padded to the longest (or `seq_len`)."""
-    T = seq_len or max(len(ids) for ids, _ in rows)
-    B = len(rows)
-    idx = torch.full((B, T), pad_id, dtype=torch.long)
-    tgt = torch.full((B, T), IGNORE, dtype=torch.long)
-    for b, (ids, mask) in enumerate(rows):
-        n = min(len(ids), T)
-        idx[b, :n] = torch.tensor(ids[:n])
-        tgt[b, :n] = torch.tensor(example_targets(ids[:n], mask[:n]))
-    n_tokens = sum(min(len(ids), T) for ids, _ in rows)
-    return {"input_ids": idx, "targets": tgt, "positions": None, "attention_mask": None, "n_tokens": n_tokens}
-
-
 def collate_packed(packs: list[list[tuple[list[int], list[int]]]], pad_id: int, seq_len: int) -> dict:
     """Several examples per row: positions restart per example, block-diagonal causal mask."""
     B, T = len(packs), seq_len
@@ -100,13 +86,16 @@ class SFTBatches(BatchSource):
     """
 
     def __init__(self, rows: list[tuple[list[int], list[int]]], batch_size: int, seq_len: int, pad_id: int,
-                 pack: bool = False, shuffle: bool = True, seed: int = 0):
+                 pack: bool = False, shuffle: bool = True, seed: int = 0, batch_of=None):
         if not rows:
             raise LmforgeError("no training examples")
         if batch_size < 1 or seq_len < 2:
             raise LmforgeError("batch_size must be >= 1 and seq_len >= 2")
         self.rows, self.batch_size, self.seq_len, self.pad_id = rows, batch_size, seq_len, pad_id
         self.pack, self.shuffle, self.seed = pack, shuffle, seed
+        # how unpacked rows become a batch: `collate`, or what a row carries besides its tokens too
+        # (pictures: lmforge.vision.sft.collate_with_pictures)
+        self.batch_of = batch_of or (lambda rows: collate(rows, pad_id))
         self.epoch, self.index = 0, 0
         self._order = self._make_order()
 
@@ -140,7 +129,7 @@ class SFTBatches(BatchSource):
             picked.append(self.rows[self._order[self.index]])
             self.index += 1
         per = self.batch_size // self.world_size
-        return collate(picked[self.rank * per:(self.rank + 1) * per], self.pad_id)
+        return self.batch_of(picked[self.rank * per:(self.rank + 1) * per])
 
     def steps_per_epoch(self) -> int:
         """Batches in one pass over the data (packing: counted on the first epoch's order)."""
@@ -166,7 +155,9 @@ def sft_loss(model: nn.Module, batch: dict, ce_chunk: int = 0) -> tuple[torch.Te
     """Mean cross-entropy over the batch's assistant tokens; (loss, metrics) for the trainer."""
     raw = unwrap(model)
     idx, targets = batch["input_ids"], batch["targets"]
-    h = model(idx, positions=batch.get("positions"), attention_mask=batch.get("attention_mask"), hidden_only=True)
+    # a vision-language model's batch carries the rows' pictures (lmforge.vision.sft)
+    pictures = {k: batch[k] for k in ("pixel_values", "pixel_attention_mask") if batch.get(k) is not None}
+    h = model(idx, positions=batch.get("positions"), attention_mask=batch.get("attention_mask"), hidden_only=True, **pictures)
     sel = targets != IGNORE
     n = sel.sum()
     # no target at all (cannot happen with checked data) gives 0 with the graph kept, so DDP
@@ -183,11 +174,13 @@ def make_sft_loss(ce_chunk: int = 0):
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, rows: list, batch_size: int, pad_id: int, ce_chunk: int = 0) -> float:
-    """Mean loss per assistant token over `rows` (validation)."""
+def eval_loss(model: nn.Module, rows: list, batch_size: int, pad_id: int, ce_chunk: int = 0, batch_of=None) -> float:
+    """Mean loss per assistant token over `rows` (validation); `batch_of(rows)`: how rows become
+    a batch (default `collate`; a batch source's `batch_of`)."""
+    batch_of = batch_of or (lambda r: collate(r, pad_id))
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        batch = to_device(collate(rows[i:i + batch_size], pad_id), unwrap(model).lm_head.weight.device)
+        batch = to_device(batch_of(rows[i:i + batch_size]), unwrap(model).lm_head.weight.device)
         loss, m = sft_loss(model, batch, ce_chunk)
         n = int(m["trained_tokens"])
         total += float(loss) * n
@@ -384,7 +377,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
             return tokenize_examples(tok, examples, max_len, cfg.on_error, report)
         from lmforge.vision.sft import tokenize_vision_examples
 
-        return tokenize_vision_examples(model, tok, examples, max_len, cfg.on_error, report), report
+        return tokenize_vision_examples(model, tok, examples, max_len, cfg.on_error, report)
 
     rows, report = rows_of(cfg.data, DataReport())
     val_rows: list = []
@@ -413,12 +406,14 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
     print(f"method {cfg.method}{frozen}: {n_train:,} trainable of {model.num_parameters():,} parameters")
 
     pad_id = tok.pad_id if tok.pad_id is not None else 0
-    if sees:
-        from lmforge.vision.sft import VisionSFTBatches, vision_eval_loss, vision_sft_loss
+    batch_of = None
+    if sees:  # rows with pictures are not packed; each batch preprocesses its rows' pictures
+        from functools import partial
 
-        batches = VisionSFTBatches(rows, cfg.batch_size, pad_id, model.image_config, seed=cfg.seed)
-    else:
-        batches = SFTBatches(rows, cfg.batch_size, max_len, pad_id, pack=cfg.pack, seed=cfg.seed)
+        from lmforge.vision.sft import collate_with_pictures
+
+        batch_of = partial(collate_with_pictures, pad_id=pad_id, image_config=model.image_config)
+    batches = SFTBatches(rows, cfg.batch_size, max_len, pad_id, pack=cfg.pack and not sees, seed=cfg.seed, batch_of=batch_of)
     tcfg = dataclasses.replace(cfg.train, seed=cfg.seed)
     if tcfg.max_steps <= 0:
         per_epoch = math.ceil(batches.steps_per_epoch() / tcfg.grad_accum)
@@ -437,9 +432,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
     eval_fn = None
     if val_rows:
         def eval_fn(m):
-            if sees:
-                return {"val_loss": vision_eval_loss(m, val_rows, cfg.batch_size, pad_id, model.image_config)}
-            return {"val_loss": eval_loss(m, val_rows, cfg.batch_size, pad_id, cfg.ce_chunk)}
+            return {"val_loss": eval_loss(m, val_rows, cfg.batch_size, pad_id, cfg.ce_chunk, batches.batch_of)}
 
     sample_fn = None
     if cfg.sample_prompt:
@@ -451,7 +444,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True) -> dict:
         def sample_fn(m):
             return generate_text(m, tok, [prompt_ids], SamplingParams(max_new_tokens=64))[0]["text"]
 
-    result = train(model, vision_sft_loss if sees else make_sft_loss(cfg.ce_chunk), batches, tcfg, out, params=params, eval_fn=eval_fn,
+    result = train(model, make_sft_loss(cfg.ce_chunk), batches, tcfg, out, params=params, eval_fn=eval_fn,
                    save_fn=save_fn, sample_fn=sample_fn, tokenizer=tok,
                    config=dataclasses.replace(cfg, dtype=dtype, train=tcfg), progress=progress)
     what = "model" if cfg.method == "full" else "adapter (PEFT layout)"
