@@ -463,7 +463,7 @@ def save_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = N
     """Write config.json, model.safetensors (tied head omitted, as HF does) and tokenizer files."""
     from safetensors.torch import save_file
 
-    from lmforge.loading.state_maps import is_vlm
+    from lmforge.loading.state_maps import is_vlm, tensors_to_save
 
     if is_vlm(model):  # Idefics3 / SmolVLM: the folder it came from, with these weights
         from lmforge.loading.vlm_files import save_vlm
@@ -473,14 +473,7 @@ def save_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg: Config = model.cfg
-    state = {}
-    for k, v in model.state_dict().items():
-        if cfg.tie_embeddings and k == "lm_head.weight":
-            continue
-        v = v.detach()
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        state[k] = v.contiguous().cpu()
+    state = tensors_to_save(model, dtype, "lm_head.weight" if cfg.tie_embeddings else None)
     if cfg.is_moe:
         from lmforge.moe import lmforge_state_to_hf  # Mixtral / Qwen2-MoE expert keys
 

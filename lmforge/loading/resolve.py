@@ -49,12 +49,11 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     cached = cache_dir_for(str(model))
     if cached.exists():
         return cached
-    if str(model).count("/") == 1 and not str(model).startswith((".", "/")):
+    if str(model).count("/") == 1 and not str(model).startswith((".", "/")):  # owner/name
         from lmforge.hub import cached_snapshot
 
         snap = cached_snapshot(str(model))  # downloaded before by huggingface_hub or transformers
         if snap is not None:
             return snap
-    if "/" in str(model) and not str(model).startswith((".", "/")) and len(str(model).split("/")) == 2:
         raise LmforgeError(f"model '{model}' is not a local path and is not in the cache; fetch it with: lmforge pull {model}")
     raise LmforgeError(f"model not found: {model}")

@@ -103,6 +103,20 @@ def lmforge_state_to_gpt2(state: dict) -> dict:
     return out
 
 
+def tensors_to_save(model, dtype: torch.dtype | None = None, tied_head: str | None = None) -> dict:
+    """The model's state dict as a checkpoint holds it: detached, on the CPU, contiguous, floats
+    in `dtype` when given, without the tied head `tied_head` (HF leaves it out)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k == tied_head:
+            continue
+        v = v.detach()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v.contiguous().cpu()
+    return out
+
+
 # A vision-language model's (Idefics3 / SmolVLM) module paths in its checkpoints, beside lmforge's
 # `VLM` (lmforge/vision/vlm.py): its weights and its LoRA adapters are saved under these.
 VLM_PATHS = (("text.model.", "model.text_model."), ("text.lm_head", "lm_head"),

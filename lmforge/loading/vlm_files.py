@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.loading.state_maps import vlm_path
+from lmforge.loading.state_maps import tensors_to_save, vlm_path
 
 VLM_MODEL_TYPES = ("idefics3", "smolvlm")
 CONFIG_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json")
@@ -53,13 +53,8 @@ def save_vlm(vlm, tokenizer, out_dir, dtype: torch.dtype | None = None) -> Path:
     for name in CONFIG_FILES:
         if (src / name).exists() and (src / name).resolve() != (out / name).resolve():
             shutil.copyfile(src / name, out / name)
-    state = {}
-    for k, v in vlm.state_dict().items():
-        if k == "text.lm_head.weight" and vlm.cfg.tie_embeddings:
-            continue
-        v = v.detach()
-        state[vlm_path(k)] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    state = tensors_to_save(vlm, dtype, "text.lm_head.weight" if vlm.cfg.tie_embeddings else None)
+    save_file({vlm_path(k): v for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         template = tokenizer.chat_template
         if template and template.startswith(PARTS_PRELUDE):
