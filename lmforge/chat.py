@@ -179,6 +179,10 @@ _MARK = "\ue000{}\ue001"  # private-use characters: no template writes them
 _MARK_RE = re.compile("\ue000(\\d+)\ue001")
 
 
+def _special_texts(tokenizer) -> list[str]:
+    return [t for t in getattr(tokenizer, "special_tokens", []) if t]
+
+
 def _marked(msgs: list[dict]) -> list[dict]:
     return [{**m, "content": _MARK.format(i)} for i, m in enumerate(msgs)]
 
@@ -202,7 +206,7 @@ def render_parts(tokenizer, messages: list[dict], add_generation_prompt: bool = 
     if "".join(t for t, _ in parts) == full:
         return parts
     # the template rewrites message text (trims it, say): the pieces cannot be told apart
-    specials = [t for t in getattr(tokenizer, "special_tokens", []) if t]
+    specials = _special_texts(tokenizer)
     if any(t in m["content"] for m in msgs if m["role"] != "assistant" for t in specials):
         raise LmforgeError("a message holds a special token's text and this chat template rewrites message text, "
                            "so it cannot be kept from acting as a special token")
@@ -214,7 +218,7 @@ def encode_parts(tokenizer, parts: list[tuple[str, bool]]) -> tuple[list[int], l
     once, as transformers and llama.cpp encode a conversation (a piece's tokens can depend on its
     neighbours: SentencePiece's "▁" before a word, merges across a boundary), unless a piece
     that is only text holds a special token's string; then piece by piece."""
-    specials = [t for t in getattr(tokenizer, "special_tokens", []) if t]
+    specials = _special_texts(tokenizer)
     if getattr(tokenizer, "allow_special_in_content", False) or not any(
             t in text for text, from_template in parts if not from_template for t in specials):
         return tokenizer.encode_with_offsets("".join(text for text, _ in parts))
@@ -257,7 +261,7 @@ def _turn_end(tokenizer, messages, i, full, start, tools, template_kwargs) -> in
         at = marked.rfind(_MARK.format(i))
         return marked[at + len(_MARK.format(i)):] if at >= 0 else ""
 
-    marker = _closing_text(tail(messages[: i + 1]), tail(messages), [t for t in getattr(tokenizer, "special_tokens", []) if t])
+    marker = _closing_text(tail(messages[: i + 1]), tail(messages), _special_texts(tokenizer))
     end = full.find(marker, start) if marker else -1
     if end < 0:
         raise LmforgeError("the chat template does not render conversations prefix by prefix; cannot mark assistant turns")

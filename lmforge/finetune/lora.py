@@ -239,9 +239,11 @@ def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
 def set_adapter_rows(model: nn.Module, rows: list[bool]) -> None:
     """Adapters on for the rows of the next forward marked True and off for the others (all on,
     all off, or a gate per row when a batch mixes both)."""
+    layers = lora_layers(model).values()
     mixed = any(rows) and not all(rows)
-    gate = torch.tensor(rows, dtype=torch.float32) if mixed else None
-    for m in lora_layers(model).values():
+    # made once where the adapters live, not copied there by every layer at every step
+    gate = torch.tensor(rows, dtype=torch.float32, device=next(iter(layers)).lora_A.weight.device) if mixed and layers else None
+    for m in layers:
         m.disabled, m.row_gate = not any(rows), gate
 
 
