@@ -162,6 +162,9 @@ def _deepseek_to_hf(cfg: Config) -> dict:
         return dict(out, n_routed_experts=None, first_k_dense_replace=cfg.n_layers)
     if cfg.moe_norm_topk_prob or cfg.moe_shared_gate and cfg.n_shared_experts:
         raise LmforgeError("a DeepSeek-V2 config keeps the top-k router weights as they are and has no shared-expert gate")
+    if cfg.n_shared_experts and cfg.moe_shared_d_ff != (cfg.moe_d_ff or cfg.d_ff) * cfg.n_shared_experts:
+        raise LmforgeError("a DeepSeek-V2 config has shared experts as wide as its routed ones (moe_shared_d_ff = "
+                           "moe_d_ff x n_shared_experts)")
     groups = cfg.moe_groups
     return dict(out, n_routed_experts=cfg.n_experts, num_experts_per_tok=cfg.n_experts_per_token, moe_intermediate_size=cfg.moe_d_ff,
                 n_shared_experts=cfg.n_shared_experts, routed_scaling_factor=cfg.moe_routed_scale,
@@ -338,8 +341,6 @@ def config_to_hf(cfg: Config) -> dict:
         hf.pop("hidden_act")
         return hf
     if cfg.kv_lora_rank:
-        if cfg.n_shared_experts and cfg.moe_shared_d_ff is None:
-            raise LmforgeError("a DeepSeek-V2 config needs the shared experts' width (moe_shared_d_ff)")
         hf.update(_deepseek_to_hf(cfg))
         return hf
     if cfg.qk_norm and cfg.is_moe:
