@@ -41,12 +41,14 @@ def image_loglikelihoods(backend, task, idx: list[int], s, progress=None) -> tup
     contexts, scores = [], []
     for i in idx:
         p = _prompt(model, tok, task, i, s)
-        pv = None if p.pixel_values is None else (p.pixel_values.to(dev), p.pixel_attention_mask.to(dev))
+        pv = [] if p.pixel_values is None else [p.pixel_values.to(dev), p.pixel_attention_mask.to(dev)]
+        prompt = torch.tensor([p.ids], device=dev)
+        head = model.embed(prompt, *pv)  # the pictures are encoded once for all the choices
         item_scores = []
         for choice in task.items[i].choices:
             cont = tok.encode(choice, add_bos=False)
-            ids = torch.tensor([p.ids + cont], device=dev)
-            logits = model(ids, *pv) if pv is not None else model(ids)
+            c = torch.tensor([cont], device=dev)
+            logits = model.text(torch.cat([prompt, c], 1), inputs_embeds=torch.cat([head, model.embed(c)], 1))
             lp = torch.log_softmax(logits[0, len(p.ids) - 1:-1].float(), -1)
             picked = lp[torch.arange(len(cont)), torch.tensor(cont, device=dev)]
             greedy = bool((lp.argmax(-1) == torch.tensor(cont, device=dev)).all())
