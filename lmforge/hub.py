@@ -31,10 +31,14 @@ def wanted(name: str) -> bool:
     return "/" not in name and any(fnmatch.fnmatch(name, p) for p in PATTERNS)
 
 
+def _hf_home() -> Path:
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
+
+
 def hub_cache() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser() / "hub"
+    return _hf_home() / "hub"
 
 
 def cached_snapshot(model_id: str, revision: str = "main") -> Path | None:
@@ -80,7 +84,7 @@ def token() -> str | None:
     tok = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     if tok:
         return tok.strip()
-    saved = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser() / "token"
+    saved = _hf_home() / "token"
     return saved.read_text().strip() if saved.is_file() else None
 
 

@@ -58,11 +58,9 @@ def _gpt2_backend(meta: dict) -> HFTokenizer:
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     backend.pre_tokenizer = byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
     backend.decoder = decoders.ByteLevel()
-    # CONTROL (3) tokens are special; USER_DEFINED (4) are matched whole but not special.
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
-    if user:
-        backend.add_tokens(user)
+    from lmforge.tokenizer_spm import add_typed_tokens
+
+    add_typed_tokens(backend, tokens, types)
     return backend
 
 

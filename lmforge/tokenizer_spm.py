@@ -23,12 +23,17 @@ SPACE = "\u2581"
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
-def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """Every split (a, b) of every token into two tokens, best joined score first (ties: by the
-    pieces' ids, so the order is fixed)."""
+def first_ids(tokens: list[str]) -> dict[str, int]:
+    """Each token's id (its first, when a vocabulary lists a text twice)."""
     ids: dict[str, int] = {}
     for i, t in enumerate(tokens):
         ids.setdefault(t, i)
+    return ids
+
+
+def spm_merges(tokens: list[str], scores: list[float], ids: dict[str, int]) -> list[tuple[str, str]]:
+    """Every split (a, b) of every token into two tokens (`ids`: `first_ids(tokens)`), best
+    joined score first (ties: by the pieces' ids, so the order is fixed)."""
     found = []
     for t, score in zip(tokens, scores):
         for k in range(1, len(t)):
@@ -45,21 +50,25 @@ def spm_backend(meta: dict) -> HFTokenizer:
     scores = meta.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     unk = meta.get("tokenizer.ggml.unknown_token_id")
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
-    bpe = models.BPE(vocab=vocab, merges=spm_merges(tokens, scores), unk_token=tokens[int(unk)] if unk is not None else None,
+    vocab = first_ids(tokens)
+    bpe = models.BPE(vocab=vocab, merges=spm_merges(tokens, scores, vocab), unk_token=tokens[int(unk)] if unk is not None else None,
                      fuse_unk=True, byte_fallback=True)
     backend = HFTokenizer(bpe)
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     backend.normalizer = normalizers.Sequence(([normalizers.Prepend(SPACE)] if prefix else []) + [normalizers.Replace(" ", SPACE)])
     backend.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
                                         + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (UNKNOWN, CONTROL)])
+    add_typed_tokens(backend, tokens, types, special=(UNKNOWN, CONTROL))
+    return backend
+
+
+def add_typed_tokens(backend: HFTokenizer, tokens: list[str], types: list[int], special=(CONTROL,)) -> None:
+    """A GGUF vocabulary's token types on a backend: those of `special` types become special
+    tokens; USER_DEFINED ones are matched whole but are not special (both vocabulary kinds)."""
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in special])
     user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
     if user:
         backend.add_tokens(user)
-    return backend
 
 
 def is_spm(tj: dict) -> bool:
