@@ -217,6 +217,12 @@ def test_rope_freqs_that_fit_no_hf_scheme_still_run_and_refuse_hf_export(tmp_pat
     assert sc == {"rope_type": "freq_factors", "factors": odd}
     assert np.allclose(gguf_maps.rope_freq_factors(dataclasses.replace(cfg, rope_scaling=sc)), odd)
     assert gguf_maps.rope_scaling_from_freqs([1.0] * 16, cfg) is None
+    # Llama 3.1's and 3.2's own settings come back as their configs write them (float32 divisors)
+    for factor in (8.0, 32.0):
+        real = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+        big = dataclasses.replace(cfg, head_dim=128, rope_theta=500000.0, rope_scaling=real)
+        assert gguf_maps.rope_scaling_from_freqs(gguf_maps.rope_freq_factors(big), big) == real
     assert gguf_maps.rope_scaling_from_freqs([4.0] * 16, cfg) == {"rope_type": "linear", "factor": 4.0}
     ours = _ours_from(llama31())
     ours.cfg.rope_scaling = sc

@@ -197,7 +197,9 @@ def rope_scaling_from_freqs(factors, cfg: Config) -> dict | None:
     if np.allclose(f, big, rtol=1e-6, atol=0):
         return {"rope_type": "linear", "factor": big}
     generic = {"rope_type": "freq_factors", "factors": [float(x) for x in f]}
-    wavelen = 2 * np.pi * cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
+    from lmforge.model import rope_inv_freq
+
+    wavelen = 2 * np.pi / rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None)).double().numpy()
     medium = (f > 1 + 1e-6) & (f < big * (1 - 1e-6))
     if medium.sum() < 2:
         return generic
@@ -206,7 +208,11 @@ def rope_scaling_from_freqs(factors, cfg: Config) -> dict | None:
     # Llama 3.1 and 3.2 have it) and the line gives high and the original context
     smooth = (1 / f[medium] - 1 / big) / (1 - 1 / big)
     slope, icept = np.polyfit(1 / wavelen[medium], smooth, 1)
-    fit = {"rope_type": "llama3", "factor": big, "low_freq_factor": 1.0, "high_freq_factor": round(1 - 1 / float(icept), 6),
-           "original_max_position_embeddings": int(round(-slope / icept))}
-    ok = np.allclose(rope_freq_factors(dataclasses.replace(cfg, rope_scaling=fit)), f, rtol=1e-5, atol=0)
-    return fit if ok else generic
+    # the file's float32 factors put the fit a hair off the round numbers configs use (4 -> 3.999999):
+    # the roundest high_freq_factor that gives the same divisors is taken
+    for digits in (3, 6):
+        fit = {"rope_type": "llama3", "factor": big, "low_freq_factor": 1.0, "high_freq_factor": round(1 - 1 / float(icept), digits),
+               "original_max_position_embeddings": int(round(-slope / icept))}
+        if np.allclose(rope_freq_factors(dataclasses.replace(cfg, rope_scaling=fit)), f, rtol=1e-5, atol=0):
+            return fit
+    return generic
